@@ -1,0 +1,230 @@
+"""One pydantic model for the whole config: a TOML file plus FRESHNET_* environment overrides."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "FRESHNET_"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key, the value and what is allowed."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Section):
+    kind: Literal["demo", "urls", "folder", "duckduckgo", "feedback"] = "demo"
+    path: str | None = None  # urls: CSV/JSONL file; folder: root with one folder per label
+    max_results: int = Field(100, ge=1, le=10_000)  # per query
+    # duckduckgo
+    region: str = "wt-wt"
+    safesearch: Literal["on", "moderate", "off"] = "moderate"
+    license_image: str | None = None
+    pause_s: float = Field(1.0, ge=0)  # at least this long between two search calls
+    max_retries: int = Field(4, ge=0, le=20)
+    # demo: images per query and night served by the local image web
+    demo_per_query: int = Field(40, ge=1, le=1000)
+    demo_seed: int = 0
+    demo_port: int = Field(0, ge=0, le=65535)  # 0 = a free port
+
+
+class DownloadConfig(_Section):
+    concurrency: int = Field(32, ge=1, le=1024)
+    per_host: int = Field(4, ge=1, le=256)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    read_timeout_s: float = Field(10.0, gt=0)
+    total_timeout_s: float = Field(30.0, gt=0)
+    max_bytes: int = Field(15_000_000, ge=1024)
+    max_redirects: int = Field(3, ge=0, le=20)
+    # Networks (CIDR) that may be fetched although private/loopback; empty = public only.
+    allow_private: list[str] = Field(default_factory=list)
+    user_agent: str = "freshnet/0.1 (+https://github.com/freshnet/freshnet)"
+
+
+class ImagesConfig(_Section):
+    max_side: int = Field(400, ge=32, le=4096)
+    min_side: int = Field(64, ge=1)
+    max_pixels: int = Field(64_000_000, ge=10_000)  # decompression-bomb cap
+    jpeg_quality: int = Field(90, ge=30, le=100)
+
+
+class DedupeConfig(_Section):
+    near: bool = True
+    near_threshold: int = Field(8, ge=0, le=32)  # Hamming bits on the 64-bit pHash
+
+
+class DatasetConfig(_Section):
+    holdout_fraction: float = Field(0.2, gt=0, lt=1)
+    split_salt: str = "freshnet"
+    min_train_per_class: int = Field(30, ge=1)
+    min_holdout_per_class: int = Field(10, ge=1)
+    max_imbalance: float = Field(5.0, ge=1)
+    min_new_images: int = Field(1, ge=0)  # fewer new images than this: skip training
+
+
+class TrainConfig(_Section):
+    arch: Literal["efficientnet_lite0", "resnet18", "resnet34", "resnet50"] = "efficientnet_lite0"
+    init: Literal["imagenet", "champion", "scratch"] = "imagenet"
+    epochs: int = Field(3, ge=1, le=1000)
+    freeze_epochs: int = Field(1, ge=0, le=100)
+    lr: float | Literal["find"] = 2e-3
+    image_size: int = Field(160, ge=32, le=1024)
+    batch_size: int = Field(32, ge=1, le=4096)
+    resize_method: Literal["squish", "crop", "pad"] = "squish"
+    augment: bool = True
+    valid_fraction: float = Field(0.1, gt=0, lt=0.5)  # carved out of train, never the holdout
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    noise_confidence: float = Field(0.9, gt=0.5, le=1.0)  # label-noise quarantine threshold
+
+
+class PolicyConfig(_Section):
+    accuracy_floor: float = Field(0.80, ge=0, le=1)
+    min_improvement: float = Field(0.0, ge=-1, le=1)
+    significance: float | None = Field(None, gt=0, lt=1)
+    max_recall_drop: float = Field(0.10, ge=0, le=1)
+    bootstrap_first: bool = True  # first run promotes when above the floor
+    bootstrap_resamples: int = Field(2000, ge=100)
+    canary_latency_s: float = Field(5.0, gt=0)
+
+
+class SpaceConfig(_Section):
+    # hf://spaces/<owner>/<name>, a git URL, or a local path (a git repo is created there).
+    target: str = ".freshnet/space"
+    title: str = "freshnet classifier"
+    description: str = ""
+    examples_dir: str | None = None  # images shown as examples; default: holdout samples
+    wait_running: bool = False  # hf: wait for the Space runtime and send a canary
+    feedback_dir: str = ".freshnet/feedback"
+
+
+class PrefectConfig(_Section):
+    timezone: str = "UTC"
+    train_deployment: str | None = None  # "train/train": run training there (served mode)
+    train_timeout_s: float = Field(3 * 3600, gt=0)
+
+
+class Config(_Section):
+    name: str = Field("freshnet", min_length=1)
+    classes: list[str] = Field(min_length=2)
+    queries: list[str] = Field(default_factory=lambda: ["photo {label}"], min_length=1)
+    storage: str = "file://.freshnet"
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    images: ImagesConfig = Field(default_factory=ImagesConfig)
+    dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    prefect: PrefectConfig = Field(default_factory=PrefectConfig)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_distinct(cls, v: list[str]) -> list[str]:
+        cleaned = [c.strip() for c in v]
+        if any(not c for c in cleaned):
+            raise ValueError("class names must not be empty")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError(f"class names must be distinct, got {cleaned}")
+        return cleaned
+
+    @field_validator("queries")
+    @classmethod
+    def _queries_have_label(cls, v: list[str]) -> list[str]:
+        for q in v:
+            if "{label}" not in q:
+                raise ValueError(f"every query must contain '{{label}}', got {q!r}")
+        return v
+
+    @field_validator("storage")
+    @classmethod
+    def _storage_scheme(cls, v: str) -> str:
+        if not (v.startswith("file://") or v.startswith("s3://")):
+            raise ValueError(f"must start with file:// or s3://, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _source_needs_path(self) -> Config:
+        if self.source.kind in ("urls", "folder") and not self.source.path:
+            raise ValueError(f"source.path is required when source.kind is {self.source.kind!r}")
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
+    msg = err.get("msg", "invalid")
+    ctx = err.get("ctx") or {}
+    allowed = ctx.get("expected")
+    value = err.get("input")
+    shown = json.dumps(value, default=str) if not isinstance(value, dict) else "{...}"
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    text = f"{loc}: {msg} (got {shown})"
+    if allowed and "allowed" not in msg:
+        text += f"; allowed: {allowed}"
+    return text
+
+
+def _set_path(data: dict[str, Any], path: list[str], raw: str) -> None:
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{ENV_PREFIX}{'__'.join(path).upper()}: {part} is not a section")
+    # Env values are TOML/JSON literals when they parse as such, plain strings otherwise.
+    try:
+        value: Any = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    node[path[-1]] = value
+
+
+def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    """Apply FRESHNET_SECTION__KEY=value overrides (double underscore separates levels)."""
+    sections = set(Config.model_fields)
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if path[0] not in sections:
+            continue  # other FRESHNET_* variables (e.g. FRESHNET_HOME) are not config keys
+        _set_path(data, path, raw)
+    return data
+
+
+def parse_config(data: dict[str, Any], origin: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "\n".join(f"  - {_describe(e)}" for e in exc.errors())
+        raise ConfigError(f"{origin}: invalid config\n{problems}") from None
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Load a TOML config file and apply FRESHNET_* overrides from ``env`` (default: os.environ)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = apply_env(data, os.environ if env is None else env)
+    return parse_config(data, str(path))

@@ -1,0 +1,30 @@
+"""Shared fixtures: where the real photos live, and a scratch working directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FRESHNET_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real photos at ../shared/data (never copied into the repo)."""
+    if not (SHARED_DATA / "photos" / "flowers").is_dir():
+        pytest.skip(f"real photos not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def flower_photos(shared_data: Path) -> dict[str, list[Path]]:
+    root = shared_data / "photos" / "flowers"
+    return {d.name: sorted(d.glob("*.jpg")) for d in sorted(root.iterdir()) if d.is_dir()}
+
+
+@pytest.fixture(scope="session")
+def example_photos(shared_data: Path) -> list[Path]:
+    return sorted((shared_data / "examples").glob("*.jpg"))
