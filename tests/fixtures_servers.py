@@ -1,0 +1,205 @@
+"""Fixtures that start real servers on 127.0.0.1: moto's S3 API server (a subprocess) and a TCP proxy.
+
+Import into tests/conftest.py with ``from tests.fixtures_servers import *  # noqa: F403``.
+Every process started here is killed in teardown, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+__all__ = [
+    "MotoServer",
+    "TcpProxy",
+    "free_port",
+    "kill_tree",
+    "moto_server",
+    "s3_env",
+    "s3_uri",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_tree(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM the process group started with ``start_new_session=True``, then SIGKILL it."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+
+
+class MotoServer:
+    """moto's S3 server as a subprocess (tests/moto_server.py) on a free loopback port."""
+
+    def __init__(self, log_path: Path | None = None):
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> MotoServer:
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "moto_server.py"), "--port", str(self.port or 0)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            start_new_session=True,
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        line = b""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if ready:
+                line = self.proc.stdout.readline()
+                if line.startswith(b"MOTO_READY"):
+                    self.port = int(line.split()[1])
+                    # Keep draining stdout so the server never blocks on a full pipe.
+                    threading.Thread(target=self.proc.stdout.read, daemon=True).start()
+                    return self
+            if self.proc.poll() is not None:
+                break
+        self.stop()
+        raise RuntimeError(f"moto server did not start (last line {line!r}; log {self.log_path})")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_tree(self.proc)
+
+
+class TcpProxy:
+    """A loopback TCP forwarder that can be taken down and up again (simulates a network outage).
+
+    Stopping it closes the listener and all live connections, so clients see "connection refused"
+    or a reset — what a dead S3 endpoint looks like — while the server behind keeps its data.
+    """
+
+    def __init__(self, target_port: int, port: int | None = None):
+        self.target_port = target_port
+        self.port = port or free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> TcpProxy:
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(64)
+        self._listener = ls
+        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            ls, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if ls is not None:
+            with contextlib.suppress(OSError):
+                ls.shutdown(socket.SHUT_RDWR)
+            ls.close()
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+    def _accept(self, ls: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = ls.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not ls:
+                    client.close()
+                    upstream.close()
+                    return
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """One moto S3 server per test session; each test gets its own bucket (``s3_uri``)."""
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment pointing boto3 (and freshnet) at the moto server, with dummy credentials."""
+    env = {**S3_TEST_ENV, "FRESHNET_S3_ENDPOINT_URL": moto_server.endpoint_url}
+    for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+@pytest.fixture
+def s3_uri(s3_env: dict[str, str]) -> str:
+    """A fresh, empty bucket on the moto server, as ``s3://bucket/prefix``."""
+    from freshnet.storage import S3Storage
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    S3Storage(bucket).ensure_bucket()
+    return f"s3://{bucket}/freshnet"
