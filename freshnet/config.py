@@ -87,6 +87,10 @@ class TrainConfig(_Section):
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
     noise_confidence: float = Field(0.9, gt=0.5, le=1.0)  # label-noise quarantine threshold
+    noise_top_loss_fraction: float = Field(0.0, ge=0, le=0.5)  # also list this top-loss tail
+    min_scale: float = Field(0.75, gt=0, le=1.0)  # RandomResizedCrop lower bound when augmenting
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on CUDA, fp32 on CPU
+    num_workers: int | None = Field(None, ge=0, le=64)  # None: 0 on CPU, min(8, cores) on CUDA
 
 
 class PolicyConfig(_Section):
@@ -175,7 +179,7 @@ def _describe(err: dict[str, Any]) -> str:
     if len(shown) > 80:
         shown = shown[:77] + "..."
     text = f"{loc}: {msg} (got {shown})"
-    if allowed and "allowed" not in msg:
+    if allowed and str(allowed) not in msg:
         text += f"; allowed: {allowed}"
     return text
 

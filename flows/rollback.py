@@ -1,0 +1,15 @@
+"""Manual rollback: publish an earlier ledger version again as a new Space commit."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.hooks import notify_failure
+from freshnet.config import load_config
+from tasks.publish import rollback_space
+
+
+@flow(name="rollback", on_failure=[notify_failure])
+def rollback(config: str = "configs/demo.toml", version: str | None = None) -> dict:
+    """Restore ``version`` (default: the previous champion)."""
+    return rollback_space(load_config(config), version)

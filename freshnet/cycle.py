@@ -1,0 +1,298 @@
+"""The steps of one nightly cycle, each one core call plus its storage I/O.
+
+Every step takes the config and small JSON-able values and returns a small JSON-able dict, so the
+Prefect tasks around them stay a few lines and only URIs cross machines (served mode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from freshnet.config import Config
+from freshnet.storage import NotFound, Storage, open_storage
+
+log = logging.getLogger(__name__)
+
+
+def open_store(cfg: Config) -> Storage:
+    return open_storage(cfg.storage)
+
+
+def cache_dir(cfg: Config) -> Path:
+    """Local scratch space (materialized images, bundles); safe to delete at any time."""
+    root = Path(os.environ.get("FRESHNET_CACHE", ".freshnet-cache"))
+    tag = hashlib.sha256(cfg.storage.encode()).hexdigest()[:10]
+    path = (root / tag).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def new_version(now: datetime | None = None) -> str:
+    """Model versions sort by time: v20261127-020000."""
+    return (now or datetime.now(UTC)).strftime("v%Y%m%d-%H%M%S")
+
+
+def put_json(store: Storage, key: str, value: Any) -> str:
+    store.put(key, json.dumps(value, indent=1, sort_keys=True, default=str).encode())
+    return key
+
+
+def get_json(store: Storage, key: str) -> Any:
+    return json.loads(store.get(key))
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """What search results depend on: the source, classes and queries (for per-night caching)."""
+    part = {"source": cfg.source.model_dump(), "classes": cfg.classes, "queries": cfg.queries}
+    return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- ingest ---------------------------------------------------------------------------------
+
+
+def search_step(cfg: Config, night: str) -> dict:
+    from freshnet import sources
+
+    report = sources.search(cfg, night)
+    data = report.to_dict()
+    key = put_json(open_store(cfg), f"nights/{night}/search.json", data)
+    log.info("night %s: %d candidate URLs (%s)", night, len(report.candidates), key)
+    return {
+        "key": key,
+        "candidates": len(report.candidates),
+        "failures": report.failures,
+        "failed_classes": report.failed_classes,
+    }
+
+
+def ingest_step(cfg: Config, night: str, search_key: str) -> dict:
+    from freshnet import ingest, sources
+
+    store = open_store(cfg)
+    report = sources.SearchReport.from_dict(get_json(store, search_key))
+    outcomes = ingest.ingest(report.candidates, cfg, store, progress=True)
+    key = put_json(store, f"nights/{night}/ingest.json", [vars(o) for o in outcomes])
+    counts = ingest.count_outcomes(outcomes)
+    accepted = sum(1 for o in outcomes if o.status == "accepted")
+    return {
+        "key": key,
+        "counts": counts,
+        "accepted": accepted,
+        "rejected": len(outcomes) - accepted,
+    }
+
+
+def curate_step(cfg: Config, night: str, ingest_key: str) -> dict:
+    from freshnet import dataset, ingest
+
+    store = open_store(cfg)
+    outcomes = [ingest.Outcome(**o) for o in get_json(store, ingest_key)]
+    report = dataset.curate(store, outcomes, night, cfg)
+    put_json(store, f"nights/{night}/curation.json", report.to_dict())
+    return report.to_dict()
+
+
+def snapshot_step(cfg: Config) -> dict:
+    from freshnet import dataset
+
+    store = open_store(cfg)
+    snap = dataset.make_snapshot(store, cfg)
+    problems = dataset.check_quality(snap, cfg.dataset, cfg.classes)
+    return {
+        "id": snap.id,
+        "key": snap.key,
+        "counts": snap.counts,
+        "rows": snap.rows,
+        "problems": problems,
+    }
+
+
+# ---- train ----------------------------------------------------------------------------------
+
+
+def train_step(cfg: Config, snapshot_id: str, version: str, init_model_key: str | None) -> dict:
+    from freshnet import dataset, train
+
+    store = open_store(cfg)
+    result = train.train_snapshot(
+        store, snapshot_id, cfg, version, cache_dir(cfg), init_model_key=init_model_key
+    )
+    noisy = result.get("noisy") or []
+    if noisy:
+        # Never relabel silently: suspects go to review and leave the next snapshot.
+        dataset.quarantine_images(
+            store, [n["sha256"] for n in noisy], "noisy_label", f"flagged by {version}"
+        )
+    put_json(store, f"models/{version}/result.json", result)
+    return result
+
+
+def load_train_result(cfg: Config, version: str) -> dict:
+    """What the train flow left in storage (how a result crosses machines in served mode)."""
+    return get_json(open_store(cfg), f"models/{version}/result.json")
+
+
+# ---- evaluate and decide --------------------------------------------------------------------
+
+
+def evaluate_step(cfg: Config, model_key: str, version: str, snapshot_id: str) -> dict:
+    from freshnet import dataset, evaluate, train
+
+    store = open_store(cfg)
+    key = f"evals/{version}/{snapshot_id}.json"
+    try:
+        return get_json(store, key)  # a model is scored once per snapshot
+    except NotFound:
+        pass
+    manifest = dataset.load_manifest(store, snapshot_id)
+    holdout = manifest[manifest["split"] == "holdout"]
+    image_dir = train.materialize(store, holdout, cache_dir(cfg) / "images")
+    model_path = cache_dir(cfg) / "models" / version / "model.pkl"
+    if not model_path.exists():
+        store.get_to_file(model_key, model_path)
+    ev = evaluate.evaluate_model(model_path, version, holdout, image_dir)
+    store.put(f"evals/{version}/{snapshot_id}.png", evaluate.confusion_png(ev))
+    put_json(store, key, ev.to_dict())
+    return ev.to_dict()
+
+
+def decide_step(
+    cfg: Config, challenger: dict, champion: dict | None, bundle_error: str | None = None
+) -> dict:
+    from freshnet import evaluate, policy
+
+    chal = evaluate.Evaluation.from_dict(challenger)
+    champ = evaluate.Evaluation.from_dict(champion) if champion else None
+    comparison = (
+        evaluate.compare(champ, chal, resamples=cfg.policy.bootstrap_resamples) if champ else None
+    )
+    decision = policy.decide(chal, champ, comparison, cfg.policy, bundle_error=bundle_error)
+    report = policy.decision_report(decision, chal, champ, comparison, "confusion.png")
+    store = open_store(cfg)
+    store.put(f"decisions/{chal.version}.md", report.encode())
+    out = {
+        "decision": decision.to_dict(),
+        "comparison": vars(comparison) if comparison else None,
+        "report_key": f"decisions/{chal.version}.md",
+        "report": report,
+    }
+    put_json(store, f"decisions/{chal.version}.json", out)
+    return out
+
+
+# ---- bundle and publish ---------------------------------------------------------------------
+
+
+def _examples(cfg: Config, holdout_paths: list[tuple[Path, str]]) -> list[Path]:
+    if cfg.space.examples_dir and Path(cfg.space.examples_dir).is_dir():
+        return sorted(Path(cfg.space.examples_dir).glob("*.jpg"))[:10]
+    # One holdout image per class makes a fair example set.
+    seen: dict[str, Path] = {}
+    for path, label in holdout_paths:
+        seen.setdefault(label, path)
+    return list(seen.values())
+
+
+def bundle_step(
+    cfg: Config, version: str, train_result: dict, evaluation: dict, snapshot_id: str
+) -> dict:
+    """Build the Space bundle and check it in a clean process; returns its path and the verdict."""
+    from freshnet import dataset, space, train
+
+    store = open_store(cfg)
+    model_path = cache_dir(cfg) / "models" / version / "model.pkl"
+    if not model_path.exists():
+        store.get_to_file(train_result["model_key"], model_path)
+    manifest = dataset.load_manifest(store, snapshot_id)
+    holdout = manifest[manifest["split"] == "holdout"]
+    image_dir = train.materialize(store, holdout, cache_dir(cfg) / "images")
+    truth = dict(zip(evaluation["shas"], evaluation["truth"], strict=True))
+    predicted = dict(zip(evaluation["shas"], evaluation["predicted"], strict=True))
+    # Canaries: a few holdout images per class, expected to get the in-process predictions.
+    per_class: dict[str, int] = {}
+    canaries: list[tuple[Path, str]] = []
+    for sha in evaluation["shas"]:
+        label = truth[sha]
+        if per_class.get(label, 0) < 2:
+            per_class[label] = per_class.get(label, 0) + 1
+            canaries.append((image_dir / f"{sha}.jpg", predicted[sha]))
+    examples = _examples(cfg, [(image_dir / f"{s}.jpg", truth[s]) for s in evaluation["shas"]])
+    meta = {
+        "version": version,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "holdout_accuracy": evaluation["accuracy"],
+        "classes": evaluation["labels"],
+        "dataset": snapshot_id,
+        "arch": train_result.get("metrics", {}).get("arch"),
+        "title": cfg.space.title,
+        "description": cfg.space.description,
+        "per_class": evaluation.get("per_class"),
+        "holdout_size": len(evaluation["shas"]),
+    }
+    out_dir = cache_dir(cfg) / "bundles" / version
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    bundle = space.build_bundle(model_path, meta, examples, out_dir, cfg.space)
+    check = space.validate_bundle(bundle, canaries, cfg.policy.canary_latency_s)
+    return {
+        "path": str(bundle),
+        "ok": check.ok,
+        "reason": check.reason,
+        "latency_s": check.latency_s,
+        "meta": meta,
+    }
+
+
+def publish_step(
+    cfg: Config,
+    version: str,
+    bundle_path: str,
+    train_result: dict,
+    evaluation: dict,
+    decision: dict,
+    snapshot_id: str,
+) -> dict:
+    """One commit to the Space, then (only then) the ledger entry and champion pointer."""
+    from freshnet import space
+    from freshnet.ledger import Ledger
+
+    store = open_store(cfg)
+    ledger = Ledger(store)
+    champion = ledger.champion()
+    expected = champion.commit if champion and champion.target == cfg.space.target else None
+    t0 = time.perf_counter()
+    commit = space.publish(
+        Path(bundle_path),
+        cfg.space.target,
+        f"freshnet: promote {version} (holdout accuracy "
+        f"{evaluation['accuracy']:.3f}, dataset {snapshot_id})",
+        expected,
+    )
+    entry = ledger.record(
+        version=version,
+        kind="promote",
+        dataset=snapshot_id,
+        metrics={"holdout_accuracy": evaluation["accuracy"], **train_result.get("metrics", {})},
+        decision=decision,
+        commit=commit,
+        model_key=train_result["model_key"],
+        model_sha256=train_result.get("model_sha256", ""),
+        target=cfg.space.target,
+    )
+    log.info("published %s as %s in %.1fs", version, commit, time.perf_counter() - t0)
+    return vars(entry)
+
+
+def champion_step(cfg: Config) -> dict | None:
+    from freshnet.ledger import Ledger
+
+    entry = Ledger(open_store(cfg)).champion()
+    return vars(entry) if entry else None

@@ -1,0 +1,135 @@
+"""The night's summary: one dict built up as the cycle goes, and its plain-text table."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from freshnet.config import Config
+
+
+def today(timezone: str) -> str:
+    return datetime.now(ZoneInfo(timezone)).strftime("%Y-%m-%d")
+
+
+def start(
+    cfg: Config, night: str, searched: dict, ingested: dict, curated: dict, snap: dict
+) -> dict:
+    per_class = {}
+    for label in cfg.classes:
+        counts = ingested["counts"].get(label, {})
+        cur = curated.get("per_class", {}).get(label, {})
+        per_class[label] = {
+            "found": sum(counts.values()),
+            "new": cur.get("new", 0),
+            "duplicate": cur.get("duplicate", 0) + counts.get("duplicate_url", 0),
+            "near_duplicate": cur.get("near_duplicate", 0),
+            "quarantined": cur.get("quarantined", 0),
+            "rejected": {
+                r: n for r, n in sorted(counts.items()) if r not in ("accepted", "duplicate_url")
+            },
+            "train": snap["counts"].get(label, {}).get("train", 0),
+            "holdout": snap["counts"].get(label, {}).get("holdout", 0),
+        }
+    return {
+        "config": cfg.name,
+        "night": night,
+        "per_class": per_class,
+        "failed_queries": len(searched.get("failures", [])),
+        "failed_classes": searched.get("failed_classes", []),
+        "snapshot": snap["id"],
+        "outcome": "running",
+        "reasons": [],
+    }
+
+
+def stop(report: dict, reason: str) -> dict:
+    return {**report, "outcome": "stopped", "reasons": [reason]}
+
+
+def finish(
+    report: dict,
+    version: str,
+    trained: dict,
+    challenger: dict,
+    defending: dict | None,
+    champion: dict | None,
+    decided: dict,
+    entry: dict | None,
+) -> dict:
+    decision = decided["decision"]
+    return {
+        **report,
+        "outcome": "promoted" if entry else "kept champion",
+        "challenger": {
+            "version": version,
+            "accuracy": challenger["accuracy"],
+            "train_seconds": trained.get("metrics", {}).get("seconds"),
+        },
+        "champion": (
+            {"version": champion["version"], "accuracy": defending["accuracy"]}
+            if champion and defending
+            else None
+        ),
+        "comparison": decided.get("comparison"),
+        "reasons": [
+            f"{r['name']}: {'pass' if r['passed'] else 'FAIL'} — {r['detail']}"
+            for r in decision["rules"]
+        ],
+        "decision": decision.get("summary", ""),
+        "commit": entry["commit"] if entry else None,
+        "report_key": decided.get("report_key"),
+    }
+
+
+def format_summary(s: dict) -> str:
+    """A fixed-width table a person can read in a terminal."""
+    lines = [f"freshnet — {s['config']} — night {s['night']} — snapshot {s['snapshot']}", ""]
+    head = f"{'class':<18}{'found':>7}{'new':>6}{'dup':>6}{'near':>6}{'quar':>6}{'train':>7}{'hold':>6}  rejected"
+    lines += [head, "-" * len(head)]
+    tot = {
+        k: 0
+        for k in ("found", "new", "duplicate", "near_duplicate", "quarantined", "train", "holdout")
+    }
+    for label, c in s["per_class"].items():
+        rej = ", ".join(f"{r}={n}" for r, n in c["rejected"].items()) or "-"
+        lines.append(
+            f"{label[:17]:<18}{c['found']:>7}{c['new']:>6}{c['duplicate']:>6}"
+            f"{c['near_duplicate']:>6}{c['quarantined']:>6}{c['train']:>7}{c['holdout']:>6}  {rej}"
+        )
+        for k in tot:
+            tot[k] += c[k]
+    lines.append(
+        f"{'total':<18}{tot['found']:>7}{tot['new']:>6}{tot['duplicate']:>6}"
+        f"{tot['near_duplicate']:>6}{tot['quarantined']:>6}{tot['train']:>7}{tot['holdout']:>6}"
+    )
+    if s.get("failed_queries"):
+        lines.append(
+            f"failed queries: {s['failed_queries']}; failed classes: "
+            f"{', '.join(s['failed_classes']) or 'none'}"
+        )
+    lines.append("")
+    if s.get("champion"):
+        lines.append(
+            f"champion   {s['champion']['version']}: holdout accuracy {s['champion']['accuracy']:.3f}"
+        )
+    else:
+        lines.append("champion   none yet (first run)")
+    if s.get("challenger"):
+        lines.append(
+            f"challenger {s['challenger']['version']}: holdout accuracy {s['challenger']['accuracy']:.3f}"
+        )
+    cmp_ = s.get("comparison")
+    if cmp_:
+        lines.append(
+            f"difference {cmp_['delta']:+.3f} (95% CI {cmp_['ci_low']:+.3f} … {cmp_['ci_high']:+.3f}), "
+            f"McNemar p = {cmp_['mcnemar_p']:.3g} on {cmp_['n']} holdout images"
+        )
+    lines.append(
+        f"decision   {s['outcome'].upper()}" + (f" — {s['decision']}" if s.get("decision") else "")
+    )
+    for r in s.get("reasons", []):
+        lines.append(f"  • {r}")
+    if s.get("commit"):
+        lines.append(f"space      commit {s['commit']}")
+    return "\n".join(lines)

@@ -1,0 +1,21 @@
+"""Curation tasks: de-duplicate into the catalog, then snapshot and gate."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from freshnet import cycle
+from freshnet.config import Config
+from tasks.report import publish_dataset
+
+
+@task
+def curate_images(cfg: Config, night: str, ingest_key: str) -> dict:
+    return cycle.curate_step(cfg, night, ingest_key)
+
+
+@task
+def snapshot_dataset(cfg: Config) -> dict:
+    snap = cycle.snapshot_step(cfg)
+    publish_dataset(snap)
+    return snap

@@ -1,0 +1,28 @@
+"""Evaluation and decision tasks."""
+
+from __future__ import annotations
+
+from prefect import task
+
+from freshnet import cycle
+from freshnet.config import Config
+from tasks.report import publish_decision
+
+
+@task
+def evaluate_model(cfg: Config, model_key: str, version: str, snapshot_id: str) -> dict:
+    return cycle.evaluate_step(cfg, model_key, version, snapshot_id)
+
+
+@task
+def decide_promotion(
+    cfg: Config, challenger: dict, champion: dict | None, bundle_error: str | None = None
+) -> dict:
+    result = cycle.decide_step(cfg, challenger, champion, bundle_error)
+    publish_decision(result)
+    return result
+
+
+@task
+def read_champion(cfg: Config) -> dict | None:
+    return cycle.champion_step(cfg)

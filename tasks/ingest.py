@@ -1,0 +1,47 @@
+"""Search and download tasks: I/O, so they retry; cached per (source, night) so a rerun skips them."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from prefect import task
+
+from freshnet import cycle
+from freshnet.config import Config
+from tasks.report import publish_rejections, publish_search_failures
+
+
+def _night_key(stage: str):
+    def key(_ctx, params: dict) -> str:
+        cfg: Config = params["cfg"]
+        return f"{stage}-{cfg.storage}-{cycle.config_fingerprint(cfg)}-{params['night']}"
+
+    return key
+
+
+@task(
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_jitter_factor=0.5,
+    cache_key_fn=_night_key("search"),
+    cache_expiration=timedelta(days=2),
+    persist_result=True,
+)
+def search_images(cfg: Config, night: str) -> dict:
+    result = cycle.search_step(cfg, night)
+    publish_search_failures(result)
+    return result
+
+
+@task(
+    retries=2,
+    retry_delay_seconds=[10, 60],
+    retry_jitter_factor=0.5,
+    cache_key_fn=_night_key("ingest"),
+    cache_expiration=timedelta(days=2),
+    persist_result=True,
+)
+def download_images(cfg: Config, night: str, search_key: str) -> dict:
+    result = cycle.ingest_step(cfg, night, search_key)
+    publish_rejections(result["counts"])
+    return result
