@@ -1,0 +1,133 @@
+"""End-to-end nightly cycles through the real CLI, Prefect (temporary API), storage and a git Space."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None,
+            timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_HOME": str(cwd / ".prefect"), "PYTHONUNBUFFERED": "1",
+           **(env_extra or {})}
+    r = subprocess.run([sys.executable, "-m", "freshnet.cli", *args], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        print(r.stdout[-5000:], r.stderr[-8000:])
+    return r
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.mark.slow
+def test_demo_two_nights(tmp_path):
+    """What `make run` does: night 1 bootstraps the champion, night 2 decides; both print a summary."""
+    cfg = REPO / "configs" / "demo.toml"
+    r1 = run_cli(["run", "--config", str(cfg), "--night", "1", "--json", "n1.json"], tmp_path)
+    assert r1.returncode == 0
+    s1 = json.loads((tmp_path / "n1.json").read_text())
+    assert "found" in r1.stdout and "decision" in r1.stdout
+    assert s1["outcome"] == "promoted", s1["reasons"]
+    space = tmp_path / ".freshnet" / "space"
+    assert "model.pkl" in git(space, "ls-tree", "--name-only", "HEAD").split()
+    first_commit = git(space, "rev-parse", "HEAD")
+
+    r2 = run_cli(["run", "--config", str(cfg), "--night", "2", "--json", "n2.json"], tmp_path)
+    assert r2.returncode == 0
+    s2 = json.loads((tmp_path / "n2.json").read_text())
+    dup = sum(c["duplicate"] + c["near_duplicate"] for c in s2["per_class"].values())
+    rejected = {r: n for c in s2["per_class"].values() for r, n in c["rejected"].items()}
+    assert dup > 0, s2["per_class"]
+    assert sum(rejected.values()) > 0 and set(rejected) <= {
+        "timeout", "too_large", "not_image", "decode_error", "too_small", "bomb",
+        "blocked_address", "http_4xx", "http_5xx", "too_many_redirects", "connect_error",
+        "unsupported_type", "network_error"}, rejected
+    assert s2["champion"] is not None and s2["challenger"] is not None
+    assert s2["reasons"], "the decision must spell out its rules"
+    if s2["outcome"] == "promoted":
+        assert git(space, "rev-parse", "HEAD") != first_commit
+    else:
+        assert git(space, "rev-parse", "HEAD") == first_commit
+
+    status = run_cli(["status", "--config", str(cfg)], tmp_path)
+    assert status.returncode == 0 and s1["challenger"]["version"] in status.stdout
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output readable
+        pass
+
+
+@pytest.fixture
+def flower_web(shared_data):
+    root = shared_data / "photos" / "flowers"
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _write_urls(path: Path, root: Path, base: str, fraction: float) -> int:
+    rows = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(d.glob("*.jpg"))
+        rows += [(d.name, f"{base}/{d.name}/{f.name}") for f in files[: int(len(files) * fraction)]]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "url"])
+        w.writerows(rows)
+    return len(rows)
+
+
+@pytest.mark.slow
+def test_flowers_two_nights_reach_085(tmp_path, flower_web):
+    """Real photos served from 127.0.0.1 through a `urls` file: the champion reaches ≥ 0.85."""
+    root, base = flower_web
+    urls = tmp_path / "urls.csv"
+    cfg = tmp_path / "flowers.toml"
+    cfg.write_text(f"""
+name = "flowers"
+classes = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+storage = "file://.freshnet"
+[source]
+kind = "urls"
+path = "{urls}"
+[download]
+allow_private = ["127.0.0.1/32"]
+[train]
+image_size = 192
+epochs = 4
+[space]
+target = ".freshnet/space"
+title = "flowers"
+""")
+    _write_urls(urls, root, base, 0.6)
+    r1 = run_cli(["run", "--config", str(cfg), "--night", "1", "--json", "n1.json"], tmp_path)
+    assert r1.returncode == 0
+    n_all = _write_urls(urls, root, base, 1.0)
+    r2 = run_cli(["run", "--config", str(cfg), "--night", "2", "--json", "n2.json"], tmp_path)
+    assert r2.returncode == 0
+    s1 = json.loads((tmp_path / "n1.json").read_text())
+    s2 = json.loads((tmp_path / "n2.json").read_text())
+    assert s1["outcome"] == "promoted"
+    # Night 2 sees every URL again: night 1's images come back as duplicates.
+    assert sum(c["found"] for c in s2["per_class"].values()) == n_all
+    assert sum(c["duplicate"] for c in s2["per_class"].values()) >= int(0.55 * n_all)
+    champion_acc = (s2["challenger"]["accuracy"] if s2["outcome"] == "promoted"
+                    else s2["champion"]["accuracy"])
+    assert champion_acc >= 0.85, s2
