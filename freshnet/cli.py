@@ -31,7 +31,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """One nightly cycle in-process; Prefect starts its own temporary API when none is configured."""
     load_config(args.config)  # fail fast, before Prefect starts, on a bad file
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # A loaded 2-core machine needs more than Prefect's default 20 s to start the temporary API;
+    # telemetry would only try to reach the internet (and contends for the SQLite file).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.nightly import nightly  # the orchestration layer, imported only for this command
     from freshnet.summary import format_summary
 
