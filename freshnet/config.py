@@ -33,6 +33,15 @@ class SourceConfig(_Section):
     license_image: str | None = None
     pause_s: float = Field(1.0, ge=0)  # at least this long between two search calls
     max_retries: int = Field(4, ge=0, le=20)
+    backoff_s: float = Field(2.0, ge=0)  # first retry delay; doubles per retry, plus jitter
+    backoff_max_s: float = Field(60.0, ge=0)
+    max_pages: int = Field(5, ge=1, le=100)  # ddgs returns one page per call
+    ddgs_backend: str = "auto"
+    ddgs_timeout_s: float = Field(10.0, gt=0)
+    size: str | None = None  # ddgs image filters: Small, Medium, Large, Wallpaper
+    type_image: str | None = None  # photo, clipart, gif, transparent, line
+    layout: str | None = None  # Square, Tall, Wide
+    color: str | None = None
     # demo: images per query and night served by the local image web
     demo_per_query: int = Field(40, ge=1, le=1000)
     demo_seed: int = 0
@@ -50,6 +59,7 @@ class DownloadConfig(_Section):
     # Networks (CIDR) that may be fetched although private/loopback; empty = public only.
     allow_private: list[str] = Field(default_factory=list)
     user_agent: str = "freshnet/0.1 (+https://github.com/freshnet/freshnet)"
+    workers: int = Field(0, ge=0, le=64)  # normalizer processes; 0 = one per CPU core
 
 
 class ImagesConfig(_Section):

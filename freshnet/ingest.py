@@ -1,0 +1,242 @@
+"""Ingest candidates: download concurrently, normalize in worker processes, store content-addressed.
+
+Every candidate ends as one ``Outcome``: ``accepted`` or a reason code (see download.py and
+images.py, plus ``duplicate_url``, ``bad_url``, ``missing_file`` and ``normalizer_crashed``).
+Images are written with ``put_if_absent`` at ``images/<sha[:2]>/<sha>.jpg``, so nothing stored
+earlier is ever overwritten. Memory stays bounded: at most ``2 * download.concurrency`` raw bodies
+exist at any time, whatever the number of candidates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import logging
+import multiprocessing
+import os
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from freshnet.config import Config, ImagesConfig
+from freshnet.download import Downloader, normalize_url
+from freshnet.images import ImageRejected, Normalized, image_key, normalize
+from freshnet.sources import Candidate
+from freshnet.storage import Storage
+
+log = logging.getLogger(__name__)
+
+# Below this many downloads a process pool costs more to start than it saves.
+_THREAD_POOL_BELOW = 24
+
+
+@dataclass
+class Outcome:
+    label: str
+    url: str
+    query: str
+    source: str
+    status: str  # "accepted" or a reason code
+    detail: str = ""
+    sha256: str | None = None
+    orig_sha256: str | None = None
+    phash: str | None = None
+    width: int | None = None
+    height: int | None = None
+    stored: bool = False  # True if this run wrote the image (False: it was already stored)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Outcome:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def count_outcomes(outcomes: list[Outcome]) -> dict[str, dict[str, int]]:
+    """{label: {status: count}} with statuses sorted, accepted first."""
+    per: dict[str, Counter] = {}
+    for o in outcomes:
+        per.setdefault(o.label, Counter())[o.status] += 1
+    out = {}
+    for label in sorted(per):
+        c = per[label]
+        keys = sorted(c, key=lambda s: (s != "accepted", s))
+        out[label] = {k: c[k] for k in keys}
+    return out
+
+
+def _normalize_job(data: bytes, cfg: ImagesConfig) -> Normalized | ImageRejected:
+    """Runs in a worker: returns the rejection instead of raising, so it pickles cheaply."""
+    try:
+        return normalize(data, cfg)
+    except ImageRejected as exc:
+        return exc
+    except Exception as exc:  # noqa: BLE001 - a Pillow bug on hostile input is still a bad image
+        return ImageRejected("decode_error", f"{type(exc).__name__}: {exc}")
+
+
+def _warm_worker() -> None:
+    import imagehash  # noqa: F401 - pay the scipy import once per worker, not on the first image
+
+
+def _read_local(path: Path, max_bytes: int) -> tuple[str, str, bytes | None]:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        return "missing_file", f"{path}: {exc.strerror or exc}", None
+    if not path.is_file():
+        return "missing_file", f"{path}: not a regular file", None
+    if size > max_bytes:
+        return "too_large", f"{path}: {size} bytes > max_bytes {max_bytes}", None
+    with path.open("rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        return "too_large", f"{path}: grew past max_bytes {max_bytes}", None
+    return "ok", "", data
+
+
+class _Pool:
+    """The normalizer pool, recreated if a worker dies (e.g. killed by the OOM killer)."""
+
+    def __init__(self, jobs: int, workers: int):
+        self.workers = workers
+        self.threads = jobs < _THREAD_POOL_BELOW
+        self.executor = self._make()
+
+    def _make(self) -> cf.Executor:
+        if self.threads:
+            return cf.ThreadPoolExecutor(self.workers, thread_name_prefix="freshnet-normalize")
+        # spawn, not fork: the parent runs an event loop and threads.
+        ctx = multiprocessing.get_context("spawn")
+        return cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_warm_worker)
+
+    async def run(self, data: bytes, cfg: ImagesConfig) -> Normalized | ImageRejected:
+        loop = asyncio.get_running_loop()
+        executor = self.executor
+        try:
+            return await loop.run_in_executor(executor, _normalize_job, data, cfg)
+        except cf.process.BrokenProcessPool as exc:
+            if self.executor is executor:
+                log.error("normalizer pool broke (%s); starting a new one", exc)
+                executor.shutdown(wait=False, cancel_futures=True)
+                self.executor = self._make()
+            return ImageRejected("normalizer_crashed", f"worker process died: {exc}")
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+async def _ingest_async(
+    candidates: list[Candidate], cfg: Config, store: Storage, bar
+) -> list[Outcome]:
+    n = len(candidates)
+    outcomes: list[Outcome | None] = [None] * n
+
+    def done(i: int, status: str, detail: str = "", **kw) -> None:
+        c = candidates[i]
+        outcomes[i] = Outcome(c.label, c.url, c.query, c.source, status, detail, **kw)
+        bar.update(1)
+
+    # Normalize and de-duplicate URLs before any request.
+    seen: dict[str, int] = {}
+    jobs: list[tuple[int, str]] = []
+    for i, c in enumerate(candidates):
+        try:
+            url = normalize_url(c.url)
+        except ValueError as exc:
+            done(i, "bad_url", str(exc))
+            continue
+        if url in seen:
+            done(
+                i,
+                "duplicate_url",
+                f"same URL as candidate #{seen[url]} ({candidates[seen[url]].label})",
+            )
+            continue
+        seen[url] = i
+        jobs.append((i, url))
+    if not jobs:
+        return outcomes  # type: ignore[return-value]
+
+    workers = cfg.download.workers or os.cpu_count() or 1
+    pool = _Pool(len(jobs), workers)
+    images_cfg = cfg.images
+    max_bytes = cfg.download.max_bytes
+
+    async def handle(dl: Downloader, i: int, url: str) -> None:
+        c = candidates[i]
+        if url.startswith("file://"):
+            if c.source != "folder":
+                done(i, "bad_url", "file:// URLs are read only for the folder source")
+                return
+            path = Path(unquote(urlsplit(url).path))
+            status, detail, data = await asyncio.to_thread(_read_local, path, max_bytes)
+        else:
+            fetched = await dl.fetch(url)
+            status, detail, data = fetched.status, fetched.detail, fetched.data
+            fetched.data = None
+        if status != "ok" or data is None:
+            done(i, status, detail)
+            return
+        result = await pool.run(data, images_cfg)
+        del data
+        if isinstance(result, ImageRejected):
+            done(i, result.reason, result.detail)
+            return
+        wrote = await asyncio.to_thread(store.put_if_absent, image_key(result.sha256), result.data)
+        done(
+            i,
+            "accepted",
+            sha256=result.sha256,
+            orig_sha256=result.orig_sha256,
+            phash=result.phash,
+            width=result.width,
+            height=result.height,
+            stored=wrote,
+        )
+
+    it = iter(jobs)
+
+    async def worker(dl: Downloader) -> None:
+        # A fixed set of workers pulling from one iterator bounds the bodies held in memory.
+        for i, url in it:
+            await handle(dl, i, url)
+
+    try:
+        async with Downloader(cfg.download) as dl:
+            n_workers = min(len(jobs), 2 * cfg.download.concurrency)
+            await asyncio.gather(*(worker(dl) for _ in range(n_workers)))
+    finally:
+        await asyncio.to_thread(pool.close)
+    return outcomes  # type: ignore[return-value]
+
+
+def ingest(
+    candidates: list[Candidate], cfg: Config, store: Storage, progress: bool = True
+) -> list[Outcome]:
+    """Download, validate, normalize and store every candidate; one Outcome per candidate, in order."""
+    from tqdm import tqdm
+
+    with tqdm(
+        total=len(candidates),
+        desc="ingest",
+        unit="url",
+        file=sys.stderr,
+        disable=not progress,
+        mininterval=0.5,
+    ) as bar:
+        coro_args = (list(candidates), cfg, store, bar)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            outcomes = asyncio.run(_ingest_async(*coro_args))
+        else:
+            # Called from inside an event loop (e.g. an async task runner): run on a fresh thread.
+            with cf.ThreadPoolExecutor(1) as ex:
+                outcomes = ex.submit(asyncio.run, _ingest_async(*coro_args)).result()
+    counts = Counter(o.status for o in outcomes)
+    log.info("ingested %d candidates: %s", len(outcomes), dict(sorted(counts.items())))
+    return outcomes
