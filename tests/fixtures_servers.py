@@ -30,8 +30,11 @@ S3_TEST_ENV = {
 }
 
 __all__ = [
+    "PrefectServer",
+    "PrefectWorker",
     "MotoServer",
     "TcpProxy",
+    "descendants",
     "free_port",
     "kill_tree",
     "moto_server",
@@ -46,17 +49,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int) -> list[int]:
+    """All live descendants of ``pid`` (Linux /proc), children first found first."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses: parse after the last ')'.
+        fields = text[text.rindex(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def kill_tree(proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """SIGTERM the process group started with ``start_new_session=True``, then SIGKILL it."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+    """SIGTERM the process, its group and every descendant (Prefect puts flow runs in their own
+    sessions, so the group alone is not enough), then SIGKILL whatever is left."""
+    family = descendants(proc.pid)
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    _signal_all(family, signal.SIGTERM)
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        pass
+    deadline = time.monotonic() + 3
+    while any(_alive(p) for p in family) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    family += descendants(proc.pid) if proc.poll() is None else []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    _signal_all([p for p in family if _alive(p)], signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)
 
 
@@ -172,6 +217,134 @@ class TcpProxy:
         finally:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)
+
+
+def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
+    """Environment for a Prefect process isolated in ``home`` (own profile, database, results)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_PROFILES_PATH=str(home / "profiles.toml"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_UI_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="INFO",
+        PYTHONUNBUFFERED="1",
+    )
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+class PrefectServer:
+    """``prefect server start`` on a free loopback port with its own PREFECT_HOME (SQLite)."""
+
+    def __init__(self, home: Path, port: int | None = None):
+        self.home = home
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+        self.log_path = home / "server.log"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def env(self) -> dict[str, str]:
+        """Environment for clients (CLI, workers, tests) of this server."""
+        return prefect_env(self.home, self.api_url)
+
+    def start(self, timeout: float = 180.0) -> PrefectServer:
+        import urllib.request
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = prefect_env(self.home)
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("prefect")),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-ui",
+                "--analytics-off",
+            ],
+            env=env,
+            stdout=open(self.log_path, "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        tail = self.log_path.read_text(errors="replace")[-3000:]
+        self.stop()
+        raise RuntimeError(f"prefect server did not start on {self.api_url}:\n{tail}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_tree(self.proc, timeout=20)
+
+
+class PrefectWorker:
+    """``prefect worker start --pool POOL`` as its own process group, in its own directory."""
+
+    def __init__(self, server: PrefectServer, pool: str, workdir: Path, env: dict[str, str]):
+        self.server = server
+        self.pool = pool
+        self.workdir = workdir
+        self.extra_env = env
+        self.name = f"{pool}-worker-{uuid.uuid4().hex[:6]}"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = workdir / f"worker-{pool}.log"
+
+    def start(self) -> PrefectWorker:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {**self.server.env(), **self.extra_env}
+        self.proc = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("prefect")),
+                "worker",
+                "start",
+                "--pool",
+                self.pool,
+                "--type",
+                "process",
+                "--name",
+                self.name,
+                "--limit",
+                "1",
+            ],
+            cwd=self.workdir,
+            env=env,
+            stdout=open(self.log_path, "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the worker and every flow run it started, at once (a machine dying)."""
+        if self.proc is not None and self.proc.poll() is None:
+            family = descendants(self.proc.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            _signal_all(family, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            kill_tree(self.proc, timeout=20)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 @pytest.fixture(scope="session")
