@@ -14,6 +14,10 @@ What it ensures (creating only what is missing, never deleting anything):
   * when FRESHNET_NOTIFY_WEBHOOK_URL is set: a webhook notification block ``freshnet-notify`` and
     two automations, ``freshnet: nightly failed`` (a nightly/train run Failed, Crashed or TimedOut)
     and ``freshnet: model promoted`` (the event ``freshnet.model.promoted``).
+  * the automation ``freshnet: crash runs without heartbeat``: a flow run whose process died with
+    its worker (kill -9, machine lost) stops sending heartbeats; after --zombie-after-s seconds
+    it is marked Crashed, so the nightly run waiting on it fails cleanly instead of hanging.
+    Workers must send heartbeats: PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 (infra/worker.sh sets it).
 Secret values are read from the environment only and never printed.
 """
 
@@ -91,6 +95,7 @@ NOTIFY_BLOCK = "freshnet-notify"
 FAILED_AUTOMATION = "freshnet: nightly failed"
 PROMOTED_AUTOMATION = "freshnet: model promoted"
 PROMOTED_EVENT = "freshnet.model.promoted"
+ZOMBIE_AUTOMATION = "freshnet: crash runs without heartbeat"
 
 
 def ensure_notify_block(env_name: str) -> tuple[str, object | None]:
@@ -165,13 +170,45 @@ def automation_specs(block_id: object) -> list[dict]:
     ]
 
 
-async def ensure_automations(block_id: object) -> str:
+def zombie_spec(after_s: int) -> dict:
+    """Prefect's recipe for runs whose process vanished: no heartbeat for ``after_s`` → Crashed."""
+    return {
+        "name": ZOMBIE_AUTOMATION,
+        "description": f"Mark a flow run Crashed when it sent no heartbeat for {after_s} s "
+        "(its worker or machine died); the run waiting on it then fails instead of hanging.",
+        "trigger": {
+            "type": "event",
+            "posture": "Proactive",
+            "after": ["prefect.flow-run.heartbeat"],
+            "expect": [
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            ],
+            "match": {"prefect.resource.id": "prefect.flow-run.*"},
+            "for_each": ["prefect.resource.id"],
+            "threshold": 1,
+            "within": after_s,
+        },
+        "actions": [
+            {
+                "type": "change-flow-run-state",
+                "state": "CRASHED",
+                "message": f"No heartbeat for {after_s} s: the worker or its machine died.",
+            }
+        ],
+    }
+
+
+async def ensure_automations(specs: list[dict]) -> str:
     from prefect.client.orchestration import get_client
     from prefect.events.schemas.automations import AutomationCore
 
     outcomes = []
     async with get_client() as client:
-        for spec in automation_specs(block_id):
+        for spec in specs:
             automation = AutomationCore.model_validate(spec)
             existing = await client.read_automations_by_name(spec["name"])
             if existing:
@@ -221,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-token-block", default="hf-token")
     parser.add_argument("--hf-token-env", default="HF_TOKEN")
     parser.add_argument("--notify-webhook-env", default="FRESHNET_NOTIFY_WEBHOOK_URL")
+    parser.add_argument(
+        "--zombie-after-s",
+        type=int,
+        default=120,
+        help="mark a flow run Crashed after this many seconds without a heartbeat",
+    )
     parser.add_argument("--skip-bucket", action="store_true")
     args = parser.parse_args(argv)
 
@@ -251,10 +294,18 @@ def main(argv: list[str] | None = None) -> int:
             ensure_secret(args.hf_token_block, args.hf_token_env),
         ),
     ]
+    results.append(
+        (
+            "automation zombie runs",
+            asyncio.run(ensure_automations([zombie_spec(args.zombie_after_s)])),
+        )
+    )
     notify, block_id = ensure_notify_block(args.notify_webhook_env)
     results.append((f"notification block {NOTIFY_BLOCK}", notify))
     if block_id is not None:
-        results.append(("automations", asyncio.run(ensure_automations(block_id))))
+        results.append(
+            ("automations notify", asyncio.run(ensure_automations(automation_specs(block_id))))
+        )
     for what, outcome in results:
         print(f"  {what:<32} {outcome}")
     return 0

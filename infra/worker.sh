@@ -33,6 +33,9 @@ then
   exit 3
 fi
 
+# Flow runs send a heartbeat every 30 s; the bootstrap's automation marks silent runs Crashed.
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
+
 name="${FRESHNET_WORKER_NAME:-$pool-$(hostname)}"
 echo "starting worker $name on pool $pool (project dir $FRESHNET_PROJECT_DIR)"
 cd "$FRESHNET_PROJECT_DIR"

@@ -160,6 +160,14 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._trip: bytes | None = None
+        self.tripped = False
+
+    def fail_on(self, pattern: bytes) -> None:
+        """Go down (like stop()) the moment a client sends bytes containing ``pattern``; the
+        request is not forwarded. E.g. ``b"/ledger/"``: S3 dies just as the ledger is written."""
+        self.tripped = False
+        self._trip = pattern
 
     @property
     def url(self) -> str:
@@ -204,13 +212,17 @@ class TcpProxy:
                     upstream.close()
                     return
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, inspect in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pipe, args=(a, b, inspect), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, inspect: bool) -> None:
         try:
             while data := src.recv(65536):
+                if inspect and self._trip is not None and self._trip in data:
+                    self._trip = None
+                    self.tripped = True
+                    self.stop()
+                    return
                 dst.sendall(data)
         except OSError:
             pass
@@ -296,8 +308,16 @@ class PrefectServer:
 class PrefectWorker:
     """``prefect worker start --pool POOL`` as its own process group, in its own directory."""
 
-    def __init__(self, server: PrefectServer, pool: str, workdir: Path, env: dict[str, str]):
+    def __init__(
+        self,
+        server: PrefectServer,
+        pool: str,
+        workdir: Path,
+        env: dict[str, str],
+        limit: int | None = 1,
+    ):
         self.server = server
+        self.limit = limit
         self.pool = pool
         self.workdir = workdir
         self.extra_env = env
@@ -319,8 +339,7 @@ class PrefectWorker:
                 "process",
                 "--name",
                 self.name,
-                "--limit",
-                "1",
+                *(["--limit", str(self.limit)] if self.limit else []),
             ],
             cwd=self.workdir,
             env=env,

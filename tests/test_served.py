@@ -1,0 +1,250 @@
+"""Served mode end to end: Prefect server, S3 (moto), a cpu and a gpu process worker, real deploys.
+
+Everything runs as its own process on 127.0.0.1 (see tests/served_stack.py) and is killed in
+teardown. The tests share one stack and run in file order: two nights, then the faults.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.served_stack import HF_TOKEN, ServedStack
+
+pytestmark = pytest.mark.slow
+
+# Test-sized cycle: three classes, few images, one short epoch at 64 px; the policy always
+# promotes (floor 0, any change allowed) so every trained night reaches publish.
+CONFIG_ENV = {
+    "FRESHNET_CLASSES": '["circle", "square", "triangle"]',
+    "FRESHNET_SOURCE__DEMO_PER_QUERY": "16",
+    "FRESHNET_DATASET__MIN_TRAIN_PER_CLASS": "8",
+    "FRESHNET_DATASET__MIN_HOLDOUT_PER_CLASS": "2",
+    "FRESHNET_TRAIN__EPOCHS": "1",
+    "FRESHNET_TRAIN__FREEZE_EPOCHS": "0",
+    "FRESHNET_TRAIN__IMAGE_SIZE": "64",
+    "FRESHNET_TRAIN__BATCH_SIZE": "16",
+    "FRESHNET_POLICY__ACCURACY_FLOOR": "0.0",
+    "FRESHNET_POLICY__MIN_IMPROVEMENT": "-1.0",
+    "FRESHNET_POLICY__MAX_RECALL_DROP": "1.0",
+    "FRESHNET_POLICY__CANARY_LATENCY_S": "60",
+    "FRESHNET_PREFECT__TRAIN_TIMEOUT_S": "900",
+}
+ARTIFACT_KEYS = {"dataset-per-class", "rejections-by-reason", "decision-report", "space-commit"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedStack]:
+    s = ServedStack(tmp_path_factory.mktemp("served"), CONFIG_ENV)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+def state(run: dict) -> str:
+    return (run.get("state") or {}).get("type", "NONE")
+
+
+def expect(run: dict, wanted: str, stack: ServedStack) -> None:
+    msg = (run.get("state") or {}).get("message")
+    assert state(run) == wanted, f"run {run['name']}: {state(run)} {msg}\n{stack.diagnostics()}"
+
+
+def train_runs(stack: ServedStack) -> list[dict]:
+    assert stack.api is not None
+    return stack.api.flow_runs("train")
+
+
+def test_bootstrap_is_idempotent(stack: ServedStack) -> None:
+    first = stack.bootstrap_output
+    assert "work pool cpu" in first and "concurrency limit gpu=1" in first
+    again = stack.bootstrap()
+    for line in ("work pool cpu", "work pool gpu", "concurrency limit gpu=1", "s3 bucket"):
+        row = next(r for r in again.splitlines() if line in r)
+        assert "exists" in row, again
+    assert "secret block hf-token           exists" in again or "hf-token" in again
+    assert HF_TOKEN not in first + again
+
+
+def test_two_nights_served(stack: ServedStack) -> None:
+    assert stack.api is not None
+    t0 = time.monotonic()
+    night1 = stack.run_nightly("1")
+    expect(night1, "COMPLETED", stack)
+    stack.timings["night1_s"] = round(time.monotonic() - t0, 1)
+    entries1, champion1 = stack.ledger()
+    assert len(entries1) == 1 and champion1
+
+    t0 = time.monotonic()
+    night2 = stack.run_nightly("2")
+    expect(night2, "COMPLETED", stack)
+    stack.timings["night2_s"] = round(time.monotonic() - t0, 1)
+
+    # Training ran as the `train` deployment, on the gpu pool, picked up by the gpu worker.
+    trains = train_runs(stack)
+    assert len(trains) == 2 and all(state(r) == "COMPLETED" for r in trains), trains
+    gpu_log, cpu_log = stack.workers["gpu"].log(), stack.workers["cpu"].log()
+    for run in trains:
+        assert run["work_pool_name"] == "gpu"
+        assert run["id"] in gpu_log and run["id"] not in cpu_log
+        assert run["parent_task_run_id"], "train must be linked to its nightly run"
+    for run in (night1, night2):
+        assert run["work_pool_name"] == "cpu" and run["id"] in cpu_log
+    # The gpu worker's own working directory got the training images, from S3.
+    assert any((stack.root / "gpu" / "cache").rglob("*.jpg"))
+
+    # S3 holds the snapshot and both models; only URIs crossed between the workers.
+    store = stack.direct_storage()
+    models = [k for k in store.list("models/") if k.endswith("/model.pkl")]
+    assert len(models) == 2, models
+    assert any(k.endswith(".parquet") for k in store.list("snapshots/"))
+    for run in trains:
+        params = json.dumps(run["parameters"])
+        assert "model.pkl" not in params or "models/" in params  # keys, never bytes
+        assert len(params) < 20_000
+
+    # The Space got one commit per promotion and the ledger advanced with it.
+    entries2, champion2 = stack.ledger()
+    decisions = [json.loads(store.get(k)) for k in store.list("decisions/") if k.endswith(".json")]
+    promoted = sum(1 for d in decisions if d.get("decision", d).get("promote"))
+    assert len(entries2) == promoted == 2, (entries2, decisions)
+    assert champion2 != champion1
+    commits = stack.space_commits()
+    assert len(commits) >= 2
+    ls = subprocess.run(
+        ["git", "ls-tree", "--name-only", "HEAD"],
+        cwd=stack.space,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert "model.pkl" in ls and "app.py" in ls
+    head_entry = json.loads(store.get(entries2[-1]))
+    assert head_entry["commit"] == commits[0] or head_entry["commit"] in commits
+
+    # The monitoring artifacts exist for the nightly runs.
+    artifacts = stack.api.artifacts()
+    keys = {a["key"] for a in artifacts if a.get("key")}
+    assert ARTIFACT_KEYS <= keys, keys
+    runs_with_artifacts = {a["flow_run_id"] for a in artifacts}
+    assert night2["id"] in runs_with_artifacts
+
+
+def test_gpu_worker_killed_mid_training(stack: ServedStack) -> None:
+    """kill -9 the gpu worker while it trains: nightly fails cleanly; rerun reuses ingestion."""
+    assert stack.api is not None
+    entries, champion = stack.ledger()
+    commits = stack.space_commits()
+    known = {r["id"] for r in train_runs(stack)}
+
+    run = stack.api.create_run("nightly/nightly", {"night": "3"})
+    deadline = time.monotonic() + 600
+    training = None
+    while time.monotonic() < deadline and training is None:
+        for r in train_runs(stack):
+            if r["id"] not in known and state(r) == "RUNNING":
+                training = r
+        time.sleep(1)
+    assert training, f"training never started\n{stack.diagnostics()}"
+    time.sleep(3)  # inside the training process now
+    stack.workers["gpu"].kill()
+
+    # The heartbeat automation marks the orphaned train run Crashed; nightly then fails.
+    failed = stack.api.wait(run["id"], timeout=420)
+    expect(failed, "FAILED", stack)
+    assert state(stack.api.flow_run(training["id"])) == "CRASHED"
+    assert stack.ledger() == (entries, champion), "champion and ledger must be unchanged"
+    assert stack.space_commits() == commits
+    # The failure notification reached the webhook (flow hook and/or automation).
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not any(
+        failed["name"] in m for m in stack.inbox.messages
+    ):
+        time.sleep(2)
+    assert any(failed["name"] in m for m in stack.inbox.messages), stack.inbox.messages
+
+    # A new gpu worker comes up; the rerun completes and reuses the cached search and download.
+    stack.start_worker("gpu")
+    rerun = stack.run_nightly("3")
+    expect(rerun, "COMPLETED", stack)
+    tasks = {t["name"]: t for t in stack.api.task_runs(rerun["id"])}
+    cached = {
+        name.split("-")[0]: t["state"]["name"]
+        for name, t in tasks.items()
+        if name.startswith(("search_images", "download_images"))
+    }
+    assert cached == {"search_images": "Cached", "download_images": "Cached"}, cached
+    assert len(stack.ledger()[0]) == len(entries) + 1
+
+
+def test_s3_down_during_publish(stack: ServedStack) -> None:
+    """S3 dies just as the ledger is written: the run fails, the ledger is unchanged, next run OK."""
+    assert stack.api is not None and stack.proxy is not None
+    entries, champion = stack.ledger()
+    stack.proxy.fail_on(b"/ledger/")
+    failed = stack.run_nightly("4")
+    assert stack.proxy.tripped, "publish never reached the ledger write"
+    expect(failed, "FAILED", stack)
+    assert stack.ledger() == (entries, champion)
+
+    stack.proxy.start()  # S3 is back
+    nxt = stack.run_nightly("5")
+    expect(nxt, "COMPLETED", stack)
+    entries2, champion2 = stack.ledger()
+    assert len(entries2) == len(entries) + 1 and champion2 != champion
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=stack.space, capture_output=True, text=True
+    ).stdout.strip()
+    assert json.loads(stack.direct_storage().get(entries2[-1]))["commit"] == head
+
+
+def test_two_triggers_run_one_cycle(stack: ServedStack) -> None:
+    """Two nightly triggers at once: deployment concurrency 1 lets exactly one cycle run."""
+    assert stack.api is not None
+    trains_before = len(train_runs(stack))
+    runs = [stack.api.create_run("nightly/nightly", {"night": "5"}) for _ in range(2)]
+    done = [stack.api.wait(r["id"], timeout=600) for r in runs]
+    assert sorted(state(r) for r in done) == ["CANCELLED", "COMPLETED"], [
+        (r["name"], state(r), r["state"].get("message")) for r in done
+    ]
+    assert len(train_runs(stack)) == trains_before  # night 5 again: nothing new, no training
+
+
+def test_hf_token_never_leaks(stack: ServedStack) -> None:
+    """The HF token (Secret block + worker env) is in no log, artifact or deployment inspect."""
+    assert stack.api is not None
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    outputs = []
+    for name in ("nightly/nightly", "train/train", "rollback/rollback"):
+        r = subprocess.run(
+            [prefect, "deployment", "inspect", name],
+            env=stack.cli_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert r.returncode == 0, r.stderr[-2000:]
+        outputs.append(r.stdout)
+    r = subprocess.run(
+        [prefect, "block", "inspect", "secret/hf-token"],
+        env=stack.cli_env(),
+        capture_output=True,
+        text=True,
+    )
+    outputs.append(r.stdout + r.stderr)
+    logs = stack.api.logs()
+    assert logs, "no logs reached the server"
+    outputs += [entry["message"] for entry in logs]
+    outputs += [json.dumps(a) for a in stack.api.artifacts()]
+    outputs += [json.dumps(r) for r in stack.api.flow_runs()]
+    outputs += [w.log() for w in stack.workers.values()]
+    outputs += stack.inbox.messages
+    leaks = [o[:200] for o in outputs if HF_TOKEN in o]
+    assert not leaks, leaks
+    print("served timings:", stack.summary_json())
