@@ -75,7 +75,8 @@ def normalize_url(url: str) -> str:
         raise ValueError(f"URL has no host: {url!r}")
     if ":" in host:  # IPv6 literal
         host = f"[{host}]"
-    port = f":{u.port}" if u.port is not None else ""
+    default = {"http": 80, "https": 443}[scheme]
+    port = f":{u.port}" if u.port not in (None, default) else ""
     path = u.raw_path.decode("ascii") or "/"
     return f"{scheme}://{host}{port}{path}"
 
@@ -104,9 +105,9 @@ def address_problem(ip: IPAddress, allowed: list[IPNetwork]) -> str | None:
         ("is_loopback", "loopback"),
         ("is_link_local", "link-local"),
         ("is_multicast", "multicast"),
-        ("is_private", "private"),
-        ("is_reserved", "reserved"),
         ("is_unspecified", "unspecified"),
+        ("is_reserved", "reserved"),
+        ("is_private", "private"),
     ):
         if getattr(ip, attr):
             return f"{what} address {ip}"

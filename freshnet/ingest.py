@@ -126,7 +126,8 @@ class _Pool:
             return ImageRejected("normalizer_crashed", f"worker process died: {exc}")
 
     def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        # No wait: worker teardown (scipy, numpy) takes a second and nothing is pending by now.
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 async def _ingest_async(
