@@ -35,6 +35,28 @@ BUCKET = "freshnet-served"
 # Deliberately recognisable: tests grep every log and artifact for it.
 HF_TOKEN = "hf_servedTEST_9f3b2c1a7e5d4c3b2a1f0e9d"
 
+# Training sized for plumbing tests (one short epoch at 64 px) and a policy that always promotes
+# (floor 0, any change allowed), so every trained night goes through publish.
+FAST_TRAIN_ENV = {
+    "FRESHNET_TRAIN__EPOCHS": "1",
+    "FRESHNET_TRAIN__FREEZE_EPOCHS": "0",
+    "FRESHNET_TRAIN__IMAGE_SIZE": "64",
+    "FRESHNET_TRAIN__BATCH_SIZE": "16",
+    "FRESHNET_POLICY__ACCURACY_FLOOR": "0.0",
+    "FRESHNET_POLICY__MIN_IMPROVEMENT": "-1.0",
+    "FRESHNET_POLICY__MAX_RECALL_DROP": "1.0",
+    "FRESHNET_POLICY__CANARY_LATENCY_S": "60",
+    "FRESHNET_PREFECT__TRAIN_TIMEOUT_S": "900",
+}
+# Plus a small dataset: three classes, few images per query.
+TEST_CONFIG_ENV = {
+    **FAST_TRAIN_ENV,
+    "FRESHNET_CLASSES": '["circle", "square", "triangle"]',
+    "FRESHNET_SOURCE__DEMO_PER_QUERY": "16",
+    "FRESHNET_DATASET__MIN_TRAIN_PER_CLASS": "8",
+    "FRESHNET_DATASET__MIN_HOLDOUT_PER_CLASS": "2",
+}
+
 
 def copy_project(dest: Path) -> Path:
     """Copy the working tree (tracked + untracked, not ignored) — a checkout on another machine."""
@@ -289,9 +311,9 @@ class ServedStack:
 
     # -- driving -----------------------------------------------------------------------------
 
-    def run_nightly(self, night: str, timeout: float = 900) -> dict:
+    def run_nightly(self, night: str, timeout: float = 900, **params: Any) -> dict:
         assert self.api is not None
-        run = self.api.create_run("nightly/nightly", {"night": night})
+        run = self.api.create_run("nightly/nightly", {"night": night, **params})
         return self.api.wait(run["id"], timeout)
 
     def diagnostics(self) -> str:

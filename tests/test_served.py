@@ -15,33 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.served_stack import HF_TOKEN, ServedStack
+from tests.served_stack import HF_TOKEN, TEST_CONFIG_ENV, ServedStack
 
 pytestmark = pytest.mark.slow
 
-# Test-sized cycle: three classes, few images, one short epoch at 64 px; the policy always
-# promotes (floor 0, any change allowed) so every trained night reaches publish.
-CONFIG_ENV = {
-    "FRESHNET_CLASSES": '["circle", "square", "triangle"]',
-    "FRESHNET_SOURCE__DEMO_PER_QUERY": "16",
-    "FRESHNET_DATASET__MIN_TRAIN_PER_CLASS": "8",
-    "FRESHNET_DATASET__MIN_HOLDOUT_PER_CLASS": "2",
-    "FRESHNET_TRAIN__EPOCHS": "1",
-    "FRESHNET_TRAIN__FREEZE_EPOCHS": "0",
-    "FRESHNET_TRAIN__IMAGE_SIZE": "64",
-    "FRESHNET_TRAIN__BATCH_SIZE": "16",
-    "FRESHNET_POLICY__ACCURACY_FLOOR": "0.0",
-    "FRESHNET_POLICY__MIN_IMPROVEMENT": "-1.0",
-    "FRESHNET_POLICY__MAX_RECALL_DROP": "1.0",
-    "FRESHNET_POLICY__CANARY_LATENCY_S": "60",
-    "FRESHNET_PREFECT__TRAIN_TIMEOUT_S": "900",
-}
 ARTIFACT_KEYS = {"dataset-per-class", "rejections-by-reason", "decision-report", "space-commit"}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedStack]:
-    s = ServedStack(tmp_path_factory.mktemp("served"), CONFIG_ENV)
+    s = ServedStack(tmp_path_factory.mktemp("served"), TEST_CONFIG_ENV)
     try:
         s.start()
         yield s
