@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -202,6 +203,42 @@ def _s3_endpoint_from_env() -> str | None:
     return None
 
 
+_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _s3_client(
+    endpoint_url: str | None, region: str | None, attempts: int, timeout_s: float
+) -> Any:
+    """A boto3 S3 client, shared per process and settings (building one costs ~0.3 s)."""
+    style = os.environ.get("FRESHNET_S3_ADDRESSING_STYLE", "path") if endpoint_url else None
+    # Credentials from the environment are part of the key: a changed key must not reuse a client.
+    creds = tuple(
+        os.environ.get(n) for n in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_SESSION_TOKEN")
+    )
+    key = (os.getpid(), endpoint_url, region, attempts, timeout_s, style, creds)
+    with _CLIENTS_LOCK:
+        client = _CLIENTS.get(key)
+        if client is None:
+            import boto3  # lazily: importing freshnet.storage must stay cheap
+            from botocore.config import Config as BotoConfig
+
+            conf = BotoConfig(
+                retries={"max_attempts": attempts, "mode": "standard"},
+                connect_timeout=min(timeout_s, 10.0),
+                read_timeout=timeout_s,
+                # Custom endpoints (moto, MinIO, an IP address) rarely resolve bucket subdomains.
+                s3={"addressing_style": style} if style else None,
+                max_pool_connections=32,  # ingest writes images from many threads
+            )
+            # A Session per client: boto3's default session is not thread-safe to create from.
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, region_name=region, config=conf
+            )
+            _CLIENTS[key] = client
+    return client
+
+
 # S3 error codes meaning "the key is not there" (GET and HEAD answer differently).
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 # A conditional write lost: the precondition (If-None-Match / If-Match) did not hold.
@@ -270,21 +307,8 @@ class S3Storage(Storage):
 
     def _client(self) -> Any:
         if self._client_obj is None or self._client_pid != os.getpid():
-            import boto3  # lazily: importing freshnet.storage must stay cheap
-            from botocore.config import Config as BotoConfig
-
-            s3_opts: dict[str, Any] = {}
-            if self.endpoint_url:
-                # Custom endpoints (moto, MinIO, a loopback address) rarely resolve bucket subdomains.
-                s3_opts["addressing_style"] = os.environ.get("FRESHNET_S3_ADDRESSING_STYLE", "path")
-            conf = BotoConfig(
-                retries={"max_attempts": self.max_attempts, "mode": "standard"},
-                connect_timeout=min(self.timeout_s, 10.0),
-                read_timeout=self.timeout_s,
-                s3=s3_opts or None,
-            )
-            self._client_obj = boto3.session.Session().client(
-                "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=conf
+            self._client_obj = _s3_client(
+                self.endpoint_url, self.region, self.max_attempts, self.timeout_s
             )
             self._client_pid = os.getpid()
         return self._client_obj
