@@ -1,0 +1,776 @@
+"""Catalog of every image ever accepted, curation (exact + near dedupe, leakage-proof splits),
+snapshots, the quality gate and the quarantine review.
+
+Storage layout (all through the Storage contract, so file:// and s3:// behave alike):
+
+- pointer ``catalog`` -> JSON ``{"version", "catalog_key", "index", "rows", "updated"}``
+- ``catalog/v<version>-<token>.parquet``: all rows, in the order they were added
+- ``index/segments/<version>-<token>.npz``: the near-duplicate index, one append-only segment per
+  curation (row i of the concatenated segments is row i of the catalog)
+- ``snapshots/<id>.parquet``: immutable manifests named by the content hash of their rows
+- ``quarantine/decisions.json``: the reviewer's decisions (release / relabel / drop), an audit log
+
+Every write goes to a new key; only the compare-and-swap of the pointer makes it visible, so a
+crash or a concurrent writer never loses what is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import secrets
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import dedupe
+from .config import Config, DatasetConfig
+from .storage import NotFound, Storage
+
+log = logging.getLogger(__name__)
+
+CATALOG_COLUMNS = [
+    "sha256",
+    "orig_sha256",
+    "label",
+    "url",
+    "query",
+    "source",
+    "phash",
+    "group",
+    "split",
+    "first_seen",
+    "status",
+    "note",
+]
+# Added beyond the contract: the second near-duplicate signal and the image size.
+EXTRA_COLUMNS = ["dhash", "width", "height"]
+ALL_COLUMNS = CATALOG_COLUMNS + EXTRA_COLUMNS
+SNAPSHOT_COLUMNS = [
+    "sha256",
+    "label",
+    "url",
+    "query",
+    "source",
+    "phash",
+    "group",
+    "split",
+    "first_seen",
+    "status",
+]
+STATUSES = ("ok", "label_conflict", "split_conflict", "noisy_label", "dropped")
+QUARANTINE_STATUSES = ("label_conflict", "split_conflict", "noisy_label")
+POINTER = "catalog"
+DECISIONS_KEY = "quarantine/decisions.json"
+NO_SPLIT = "none"  # split of a split_conflict image: it belongs to neither side
+
+
+class CatalogError(RuntimeError):
+    """The stored catalog or its index is unreadable or inconsistent; nothing was changed."""
+
+
+class CatalogConflict(RuntimeError):
+    """Another writer changed the catalog while this one worked; rerun to apply on top of it."""
+
+
+class QuarantineError(ValueError):
+    """A quarantine command names an unknown image or asks for something unsafe."""
+
+
+class QualityGateFailed(Exception):
+    """The snapshot fails the quality gate; ``problems`` names each class and what is missing."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("quality gate failed:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def split_for_group(group: str, salt: str, holdout_fraction: float) -> str:
+    """Holdout membership as a pure function of the group id (salted sha256 vs the fraction)."""
+    h = hashlib.sha256(f"{salt}\x00{group}".encode()).digest()
+    return "holdout" if int.from_bytes(h[:8], "big") / 2.0**64 < holdout_fraction else "train"
+
+
+# ---------------------------------------------------------------------------------------------
+# Catalog state
+
+
+@dataclass
+class CatalogState:
+    df: pd.DataFrame
+    index: dedupe.HashIndex
+    version: int
+    token: str | None  # the pointer's version token for the compare-and-swap
+    pointer: dict[str, Any]
+
+
+def _empty_catalog() -> pd.DataFrame:
+    df = pd.DataFrame({c: pd.Series(dtype="object") for c in ALL_COLUMNS})
+    df["width"] = df["width"].astype("int64")
+    df["height"] = df["height"].astype("int64")
+    return df
+
+
+def load_state(store: Storage) -> CatalogState:
+    """The current catalog and near-duplicate index; raises CatalogError naming what is wrong."""
+    raw, token = store.read_pointer(POINTER)
+    if raw is None:
+        return CatalogState(_empty_catalog(), dedupe.HashIndex(), 0, None, {})
+    try:
+        ptr = json.loads(raw)
+        version = int(ptr["version"])
+        key = str(ptr["catalog_key"])
+        segments = [str(s) for s in ptr["index"]]
+    except Exception as exc:  # noqa: BLE001 - any malformed pointer is the same error
+        raise CatalogError(
+            f"pointer {POINTER!r} in {store.uri} is not a valid catalog pointer ({exc}); "
+            "nothing was changed"
+        ) from None
+    try:
+        data = store.get(key)
+    except NotFound:
+        raise CatalogError(
+            f"catalog {store.url(key)} named by pointer {POINTER!r} is missing"
+        ) from None
+    try:
+        df = pd.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001
+        raise CatalogError(
+            f"catalog {store.url(key)} is not readable Parquet: {exc}; nothing was changed"
+        ) from None
+    missing = [c for c in ALL_COLUMNS if c not in df.columns]
+    if missing:
+        raise CatalogError(f"catalog {store.url(key)} lacks columns {missing}")
+    try:
+        index = dedupe.load_index(store, segments)
+    except dedupe.IndexError_ as exc:
+        raise CatalogError(f"{exc}; nothing was changed") from None
+    if len(index) != len(df) or (
+        len(df) and not np.array_equal(index.tag, dedupe.tags_of(df["sha256"].tolist()))
+    ):
+        raise CatalogError(
+            f"near-duplicate index ({len(index)} rows) is out of step with catalog {store.url(key)} "
+            f"({len(df)} rows); nothing was changed"
+        )
+    return CatalogState(df.reset_index(drop=True), index, version, token, ptr)
+
+
+def load_catalog(store: Storage) -> pd.DataFrame:
+    """Every image ever accepted (CATALOG_COLUMNS plus dhash/width/height)."""
+    return load_state(store).df
+
+
+def _commit(
+    store: Storage, state: CatalogState, df: pd.DataFrame, segments: list[str], what: str
+) -> None:
+    version = state.version + 1
+    key = f"catalog/v{version:06d}-{secrets.token_hex(4)}.parquet"
+    buf = io.BytesIO()
+    df[ALL_COLUMNS].to_parquet(buf, index=False)
+    store.put(key, buf.getvalue())
+    ptr = {
+        "version": version,
+        "catalog_key": key,
+        "index": segments,
+        "rows": len(df),
+        "updated": what,
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if not store.swap_pointer(POINTER, json.dumps(ptr, sort_keys=True).encode(), state.token):
+        raise CatalogConflict(
+            f"catalog pointer changed while {what} ran (another writer); rerun it"
+        )
+    log.info("catalog v%d: %d rows (%s)", version, len(df), what)
+
+
+# ---------------------------------------------------------------------------------------------
+# Curation
+
+
+@dataclass
+class CurationReport:
+    night: str
+    per_class: dict[str, dict[str, int]]  # new, duplicate, near_duplicate, quarantined
+    new_total: int
+    duplicate_total: int
+    quarantined_total: int
+    near_duplicate_total: int = 0
+    catalog_rows: int = 0
+    conflicts: list[dict[str, Any]] = field(default_factory=list)  # one per quarantined image
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CurationReport:
+        return cls(**d)
+
+
+_OUTCOME_FIELDS = (
+    "label",
+    "url",
+    "query",
+    "source",
+    "status",
+    "sha256",
+    "orig_sha256",
+    "phash",
+    "width",
+    "height",
+)
+
+
+def _outcome(o: Any) -> dict[str, Any]:
+    if isinstance(o, Mapping):
+        return {f: o.get(f) for f in _OUTCOME_FIELDS}
+    return {f: getattr(o, f, None) for f in _OUTCOME_FIELDS}
+
+
+def _decided(store: Storage) -> set[str]:
+    return {d["sha256"] for d in load_decisions(store)}
+
+
+def _signals(store: Storage, sha: str, phash: str | None) -> tuple[int, int, bool]:
+    from .images import image_key
+
+    try:
+        data = store.get(image_key(sha))
+    except NotFound:
+        data = None
+    p = int(phash, 16) if phash else None
+    if data is None:
+        if p is None:
+            raise ValueError(
+                f"image {sha} has no phash and is not in storage ({store.url(image_key(sha))})"
+            )
+        log.warning("image %s not in storage: near-duplicate check on pHash alone", sha)
+        return p, 0, False
+    try:
+        fp, dh = dedupe.signals_from_bytes(data)
+        if p is None:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as im:
+                p = dedupe.phash_image(im)
+        return p, dh, True
+    except Exception as exc:  # noqa: BLE001 - a bad stored file must not stop the night
+        if p is None:
+            raise ValueError(f"image {sha}: no phash and stored bytes unreadable: {exc}") from None
+        log.warning("image %s unreadable (%s): near-duplicate check on pHash alone", sha, exc)
+        return p, 0, False
+
+
+def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> CurationReport:
+    """Dedupe tonight's accepted images against all history, group, split, and persist the catalog.
+
+    ``outcomes`` are ingest Outcomes (objects or dicts); only status "accepted" ones are curated.
+    Per class: new (a new group), near_duplicate (joined an existing or new group), duplicate
+    (exact copy of an image already held), quarantined (label or split conflict).
+    """
+    night = str(night)
+    state = load_state(store)
+    df = state.df.copy()
+    decided = _decided(store)
+    dcfg, ddc = cfg.dataset, cfg.dedupe
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for c in cfg.classes:
+        counts[c].update({"new": 0, "duplicate": 0, "near_duplicate": 0, "quarantined": 0})
+    conflicts: list[dict[str, Any]] = []
+
+    row_of: dict[str, int] = {}  # sha256 and orig_sha256 of existing rows -> row
+    for i, (s, o) in enumerate(zip(df["sha256"], df["orig_sha256"], strict=True)):
+        row_of.setdefault(s, i)
+        if o:
+            row_of.setdefault(o, i)
+    status = df["status"].tolist()
+    notes = df["note"].tolist()
+    groups = df["group"].tolist()
+    labels = df["label"].tolist()
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    group_split = dict(zip(df["group"], df["split"], strict=True))
+
+    def mark_conflict(rows: Iterable[int], all_labels: set[str]) -> None:
+        note = "labels: " + ", ".join(sorted(all_labels))
+        for r in rows:
+            if df.sha256.iat[r] in decided or status[r] in ("dropped", "split_conflict"):
+                continue
+            if status[r] in ("ok", "label_conflict"):
+                status[r], notes[r] = "label_conflict", note
+
+    pending: list[dict[str, Any]] = []
+    batch_of: dict[str, int] = {}
+    batch_conflicts: dict[int, set[str]] = defaultdict(set)
+    for raw in outcomes:
+        o = _outcome(raw)
+        if o["status"] != "accepted":
+            continue
+        label, sha = o["label"], o["sha256"]
+        if not label or not sha:
+            raise ValueError(f"accepted outcome for {o['url']!r} lacks a label or sha256: {o}")
+        for kind in ("new", "duplicate", "near_duplicate", "quarantined"):
+            counts[label][kind] += 0  # a label outside cfg.classes still gets all four counts
+        hit = row_of.get(sha, row_of.get(o["orig_sha256"] or "", None))
+        if hit is not None:
+            if labels[hit] != label and status[hit] != "dropped":
+                # The same photo under two labels: the labels are unreliable, not guessed.
+                g = groups[hit]
+                labs = {labels[r] for r in members[g]} | {label}
+                mark_conflict(members[g], labs)
+                counts[label]["quarantined"] += 1
+                conflicts.append(
+                    {
+                        "sha256": sha,
+                        "label": label,
+                        "status": "label_conflict",
+                        "note": f"exact copy of {labels[hit]} image {df.sha256.iat[hit]}",
+                    }
+                )
+            else:
+                counts[label]["duplicate"] += 1
+            continue
+        j = batch_of.get(sha, batch_of.get(o["orig_sha256"] or "", None))
+        if j is not None:
+            if pending[j]["label"] != label:
+                batch_conflicts[j].add(label)
+                counts[label]["quarantined"] += 1
+                conflicts.append(
+                    {
+                        "sha256": sha,
+                        "label": label,
+                        "status": "label_conflict",
+                        "note": f"exact copy of {pending[j]['label']} image {pending[j]['sha256']}",
+                    }
+                )
+            else:
+                counts[label]["duplicate"] += 1
+            continue
+        batch_of[sha] = len(pending)
+        if o["orig_sha256"]:
+            batch_of.setdefault(o["orig_sha256"], len(pending))
+        pending.append(o)
+
+    n = len(pending)
+    P = np.zeros(n, np.uint64)
+    D = np.zeros(n, np.uint64)
+    HD = np.zeros(n, bool)
+    for i, o in enumerate(pending):
+        p, d, ok = _signals(store, o["sha256"], o["phash"])
+        P[i], D[i], HD[i] = p, d, ok
+
+    uf = dedupe.UnionFind(n)
+    touched: dict[int, set[str]] = defaultdict(
+        set
+    )  # pending position -> existing groups it is near
+    if ddc.near and n:
+        k = ddc.near_threshold
+        qi, ti, dist = state.index.query(P, k)
+        if len(qi):
+            keep = dedupe.confirm(
+                state.index,
+                ti,
+                D[qi],
+                HD[qi],
+                dist,
+                ddc.confirm_threshold,
+                ddc.unconfirmed_threshold,
+            )
+            for q, t in zip(qi[keep].tolist(), ti[keep].tolist(), strict=True):
+                touched[q].add(groups[t])
+        if n > 1:
+            ii, jj, dist = dedupe.find_pairs(P, k)
+            if len(ii):
+                tmp = dedupe.HashIndex(P, D, HD, np.zeros(n, np.uint64))
+                keep = dedupe.confirm(
+                    tmp, jj, D[ii], HD[ii], dist, ddc.confirm_threshold, ddc.unconfirmed_threshold
+                )
+                for a, b in zip(ii[keep].tolist(), jj[keep].tolist(), strict=True):
+                    uf.union(a, b)
+
+    new_group = [""] * n
+    new_split = [""] * n
+    new_status = ["ok"] * n
+    new_note = [""] * n
+    comps = sorted(uf.groups().values(), key=min)
+    for comp in comps:
+        near = set().union(*(touched[i] for i in comp))
+        comp_labels = {pending[i]["label"] for i in comp}
+        for i in comp:
+            comp_labels |= batch_conflicts.get(i, set())
+        splits = {group_split[g] for g in near}
+        if ("train" in splits and "holdout" in splits) or NO_SPLIT in splits:
+            gl = sorted(near)
+            for i in comp:
+                sha = pending[i]["sha256"]
+                new_group[i], new_split[i], new_status[i] = sha[:16], NO_SPLIT, "split_conflict"
+                new_note[i] = "near groups in both splits: " + ", ".join(
+                    f"{g} ({group_split[g]})" for g in gl
+                )
+                counts[pending[i]["label"]]["quarantined"] += 1
+                conflicts.append(
+                    {
+                        "sha256": sha,
+                        "label": pending[i]["label"],
+                        "status": "split_conflict",
+                        "note": new_note[i],
+                    }
+                )
+            continue
+        if near:
+            gid = min(near)
+            split = group_split[gid]
+            for g in sorted(near - {gid}):
+                # Same split on both sides, so existing rows change group but never split.
+                for r in members.pop(g):
+                    groups[r] = gid
+                    members[gid].append(r)
+        else:
+            gid = min(pending[i]["sha256"] for i in comp)[:16]
+            split = split_for_group(gid, dcfg.split_salt, dcfg.holdout_fraction)
+        group_split[gid] = split
+        existing = members.get(gid, [])
+        all_labels = comp_labels | {
+            labels[r] for r in existing if status[r] in ("ok", "label_conflict", "noisy_label")
+        }
+        dropped_only = bool(existing) and all(status[r] == "dropped" for r in existing)
+        for pos, i in enumerate(sorted(comp)):
+            o = pending[i]
+            new_group[i], new_split[i] = gid, split
+            if len(all_labels) > 1:
+                new_status[i] = "label_conflict"
+                new_note[i] = "labels: " + ", ".join(sorted(all_labels))
+                counts[o["label"]]["quarantined"] += 1
+                conflicts.append(
+                    {
+                        "sha256": o["sha256"],
+                        "label": o["label"],
+                        "status": "label_conflict",
+                        "note": new_note[i],
+                    }
+                )
+            elif dropped_only:
+                new_status[i], new_note[i] = (
+                    "dropped",
+                    f"near-copy of dropped images in group {gid}",
+                )
+                counts[o["label"]]["quarantined"] += 1
+            elif near or pos > 0:
+                counts[o["label"]]["near_duplicate"] += 1
+            else:
+                counts[o["label"]]["new"] += 1
+        if len(all_labels) > 1:
+            mark_conflict(existing, all_labels)
+
+    df["status"], df["note"], df["group"] = status, notes, groups
+    new_rows = pd.DataFrame(
+        {
+            "sha256": [o["sha256"] for o in pending],
+            "orig_sha256": [o["orig_sha256"] or "" for o in pending],
+            "label": [o["label"] for o in pending],
+            "url": [o["url"] or "" for o in pending],
+            "query": [o["query"] or "" for o in pending],
+            "source": [o["source"] or "" for o in pending],
+            "phash": dedupe.u64_to_hex(P),
+            "group": new_group,
+            "split": new_split,
+            "first_seen": [night] * n,
+            "status": new_status,
+            "note": new_note,
+            "dhash": [f"{int(d):016x}" if ok else "" for d, ok in zip(D, HD, strict=True)],
+            "width": [int(o["width"] or 0) for o in pending],
+            "height": [int(o["height"] or 0) for o in pending],
+        }
+    )
+    out = pd.concat([df, new_rows], ignore_index=True) if len(df) else new_rows
+    segments = list(state.index.segments)
+    if n:
+        seg = f"index/segments/{state.version + 1:06d}-{secrets.token_hex(4)}.npz"
+        dedupe.write_segment(store, seg, P, D, HD, dedupe.tags_of([o["sha256"] for o in pending]))
+        segments.append(seg)
+    _commit(store, state, out, segments, f"curate night {night}")
+
+    per_class = {c: dict(v) for c, v in sorted(counts.items())}
+    return CurationReport(
+        night=night,
+        per_class=per_class,
+        new_total=sum(v["new"] for v in per_class.values()),
+        duplicate_total=sum(v["duplicate"] for v in per_class.values()),
+        quarantined_total=sum(v["quarantined"] for v in per_class.values()),
+        near_duplicate_total=sum(v["near_duplicate"] for v in per_class.values()),
+        catalog_rows=len(out),
+        conflicts=conflicts,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots
+
+
+@dataclass
+class Snapshot:
+    id: str
+    key: str
+    counts: dict[str, dict[str, int]]  # label -> {"train": n, "holdout": n}
+    rows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _counts(manifest: pd.DataFrame, classes: Iterable[str] = ()) -> dict[str, dict[str, int]]:
+    out = {c: {"train": 0, "holdout": 0} for c in classes}
+    for (label, split), n in manifest.groupby(["label", "split"]).size().items():
+        out.setdefault(label, {"train": 0, "holdout": 0})[split] = int(n)
+    return dict(sorted(out.items()))
+
+
+def snapshot_id(manifest: pd.DataFrame) -> str:
+    """Content hash of the canonical rows (sorted by sha256, fixed columns): same rows, same id."""
+    rows = manifest[SNAPSHOT_COLUMNS].sort_values("sha256").astype(str).values.tolist()
+    canon = json.dumps([SNAPSHOT_COLUMNS, rows], separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def make_snapshot(store: Storage, cfg: Config) -> Snapshot:
+    """Immutable manifest of the status-ok images of cfg.classes, named by its content hash."""
+    df = load_catalog(store)
+    m = df[(df["status"] == "ok") & df["label"].isin(cfg.classes)][SNAPSHOT_COLUMNS]
+    m = m.sort_values("sha256").reset_index(drop=True).astype(str)
+    sid = snapshot_id(m)
+    key = f"snapshots/{sid}.parquet"
+    if not store.exists(key):
+        buf = io.BytesIO()
+        m.to_parquet(buf, index=False)
+        store.put_if_absent(key, buf.getvalue())
+    return Snapshot(sid, key, _counts(m, cfg.classes), len(m))
+
+
+def load_manifest(store: Storage, snapshot_id: str) -> pd.DataFrame:
+    """The rows of a snapshot; raises CatalogError naming a missing or unreadable snapshot."""
+    key = f"snapshots/{snapshot_id}.parquet"
+    try:
+        data = store.get(key)
+    except NotFound:
+        raise CatalogError(f"snapshot {snapshot_id!r} not found at {store.url(key)}") from None
+    try:
+        return pd.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001
+        raise CatalogError(f"snapshot {store.url(key)} is not readable Parquet: {exc}") from None
+
+
+def load_snapshot(store: Storage, snapshot_id: str) -> Snapshot:
+    m = load_manifest(store, snapshot_id)
+    return Snapshot(snapshot_id, f"snapshots/{snapshot_id}.parquet", _counts(m), len(m))
+
+
+def diff_snapshots(store: Storage, a: str, b: str) -> pd.DataFrame:
+    """Per label and split: rows in A, in B, added (in B only) and removed (in A only)."""
+    ma, mb = load_manifest(store, a), load_manifest(store, b)
+    ka = set(zip(ma["sha256"], ma["label"], ma["split"], strict=True))
+    kb = set(zip(mb["sha256"], mb["label"], mb["split"], strict=True))
+    stats: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    for _s, lab, sp in ka:
+        stats[(lab, sp)]["in_a"] += 1
+    for _s, lab, sp in kb:
+        stats[(lab, sp)]["in_b"] += 1
+    for _s, lab, sp in kb - ka:
+        stats[(lab, sp)]["added"] += 1
+    for _s, lab, sp in ka - kb:
+        stats[(lab, sp)]["removed"] += 1
+    cols = ["label", "split", "in_a", "in_b", "added", "removed"]
+    rows = [[lab, sp] + [stats[(lab, sp)][c] for c in cols[2:]] for lab, sp in sorted(stats)]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality gate
+
+
+def check_quality(snapshot: Snapshot, cfg: DatasetConfig, classes: Sequence[str]) -> list[str]:
+    """Problems that should stop the cycle (each names its class); [] when the snapshot is fit."""
+    problems = []
+    train = {}
+    for c in classes:
+        n = snapshot.counts.get(c, {})
+        tr, ho = int(n.get("train", 0)), int(n.get("holdout", 0))
+        train[c] = tr
+        if tr < cfg.min_train_per_class:
+            problems.append(
+                f"class {c!r}: {tr} train images, need at least {cfg.min_train_per_class}"
+            )
+        if ho < cfg.min_holdout_per_class:
+            problems.append(
+                f"class {c!r}: {ho} holdout images, need at least {cfg.min_holdout_per_class}"
+            )
+    if train:
+        big = max(train, key=lambda c: train[c])
+        small = min(train, key=lambda c: train[c])
+        if train[small] > 0 and train[big] / train[small] > cfg.max_imbalance:
+            problems.append(
+                f"class {small!r}: {train[small]} train images vs {train[big]} for {big!r} — "
+                f"imbalance {train[big] / train[small]:.1f}x exceeds {cfg.max_imbalance:g}x"
+            )
+    return problems
+
+
+def require_quality(snapshot: Snapshot, cfg: DatasetConfig, classes: Sequence[str]) -> None:
+    """Raise QualityGateFailed with every problem when the gate fails."""
+    problems = check_quality(snapshot, cfg, classes)
+    if problems:
+        raise QualityGateFailed(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quarantine review
+
+
+def load_decisions(store: Storage) -> list[dict[str, Any]]:
+    try:
+        raw = store.get(DECISIONS_KEY)
+    except NotFound:
+        return []
+    try:
+        data = json.loads(raw)
+        return list(data["decisions"])
+    except Exception as exc:  # noqa: BLE001
+        raise CatalogError(
+            f"{store.url(DECISIONS_KEY)} is not valid decisions JSON: {exc}"
+        ) from None
+
+
+def _record_decision(store: Storage, entry: dict[str, Any]) -> None:
+    decisions = load_decisions(store)
+    decisions.append(entry)
+    store.put(DECISIONS_KEY, json.dumps({"decisions": decisions}, indent=1).encode())
+
+
+def list_quarantine(store: Storage) -> pd.DataFrame:
+    """Images held back for review (label/split conflicts, noisy labels), oldest first."""
+    df = load_catalog(store)
+    q = df[df["status"].isin(QUARANTINE_STATUSES)]
+    return q[
+        ["sha256", "label", "status", "note", "group", "split", "first_seen", "url"]
+    ].reset_index(drop=True)
+
+
+def _resolve(df: pd.DataFrame, sha: str) -> int:
+    sha = (sha or "").strip().lower()
+    if len(sha) < 6:
+        raise QuarantineError(
+            f"image id {sha!r}: give the sha256 or a prefix of at least 6 characters"
+        )
+    hits = np.flatnonzero(df["sha256"].str.startswith(sha).to_numpy())
+    if len(hits) == 0:
+        raise QuarantineError(f"no image with sha256 starting {sha!r} in the catalog")
+    if len(hits) > 1:
+        raise QuarantineError(
+            f"sha256 prefix {sha!r} is ambiguous ({len(hits)} images); give more characters"
+        )
+    return int(hits[0])
+
+
+def _update(store: Storage, sha: str, action: str, change, retries: int = 5) -> dict[str, Any]:
+    for _ in range(retries):
+        state = load_state(store)
+        df = state.df.copy()
+        r = _resolve(df, sha)
+        before = {"label": df.at[r, "label"], "status": df.at[r, "status"]}
+        change(df, r)
+        try:
+            _commit(
+                store, state, df, list(state.index.segments), f"{action} {df.at[r, 'sha256'][:12]}"
+            )
+        except CatalogConflict:
+            continue
+        entry = {
+            "sha256": df.at[r, "sha256"],
+            "action": action,
+            "before": before,
+            "after": {"label": df.at[r, "label"], "status": df.at[r, "status"]},
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        _record_decision(store, entry)
+        return entry
+    raise CatalogConflict(f"{action} {sha}: the catalog kept changing under it; rerun")
+
+
+def release(store: Storage, sha: str) -> dict[str, Any]:
+    """Return a quarantined image to the dataset (status ok, its group's split)."""
+
+    def change(df: pd.DataFrame, r: int) -> None:
+        if df.at[r, "status"] == "split_conflict":
+            raise QuarantineError(
+                f"{df.at[r, 'sha256'][:12]} is near images in both train and holdout; releasing it "
+                "would leak between them. Drop it instead"
+            )
+        df.at[r, "status"], df.at[r, "note"] = "ok", f"released (was {df.at[r, 'status']})"
+
+    return _update(store, sha, "release", change)
+
+
+def relabel(store: Storage, sha: str, label: str) -> dict[str, Any]:
+    """Give an image the right label and return it to the dataset."""
+    label = (label or "").strip()
+    if not label:
+        raise QuarantineError("relabel: the new label must not be empty")
+
+    def change(df: pd.DataFrame, r: int) -> None:
+        if df.at[r, "status"] == "split_conflict":
+            raise QuarantineError(
+                f"{df.at[r, 'sha256'][:12]} is near images in both splits; drop it instead"
+            )
+        old = df.at[r, "label"]
+        df.at[r, "label"], df.at[r, "status"] = label, "ok"
+        df.at[r, "note"] = f"relabelled from {old}"
+
+    return _update(store, sha, "relabel", change)
+
+
+def drop(store: Storage, sha: str) -> dict[str, Any]:
+    """Remove an image from every later snapshot (kept in the catalog so its copies stay out too)."""
+
+    def change(df: pd.DataFrame, r: int) -> None:
+        df.at[r, "note"] = f"dropped (was {df.at[r, 'status']}, {df.at[r, 'label']})"
+        df.at[r, "status"] = "dropped"
+
+    return _update(store, sha, "drop", change)
+
+
+def quarantine_images(store: Storage, shas: Sequence[str], reason: str, note: str) -> int:
+    """Hold status-ok images back for review (e.g. reason "noisy_label"); returns how many changed.
+
+    Images a reviewer already decided on keep that decision.
+    """
+    if reason not in QUARANTINE_STATUSES:
+        raise QuarantineError(f"quarantine reason {reason!r} is not one of {QUARANTINE_STATUSES}")
+    wanted = set(shas)
+    if not wanted:
+        return 0
+    for _ in range(5):
+        state = load_state(store)
+        df = state.df.copy()
+        decided = _decided(store)
+        sel = df["sha256"].isin(wanted) & (df["status"] == "ok") & ~df["sha256"].isin(decided)
+        n = int(sel.sum())
+        if n == 0:
+            return 0
+        df.loc[sel, "status"] = reason
+        df.loc[sel, "note"] = note
+        try:
+            _commit(store, state, df, list(state.index.segments), f"quarantine {n} {reason}")
+        except CatalogConflict:
+            continue
+        return n
+    raise CatalogConflict("quarantine_images: the catalog kept changing under it; rerun")
