@@ -1,0 +1,181 @@
+"""The champion pointer and the append-only promotion history.
+
+Entries are ``ledger/entries/<seq:06d>.json``, each written once with put_if_absent, so two writers
+can never overwrite each other: the loser of a sequence number takes the next one. The champion
+pointer holds the newest entry's seq and moves only forward, by compare-and-swap.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from freshnet.storage import NotFound, Storage
+
+log = logging.getLogger(__name__)
+
+ENTRIES = "ledger/entries/"
+POINTER = "champion"
+KINDS = ("promote", "rollback", "manual")
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot do what was asked (unknown version, nothing to roll back, ...)."""
+
+
+@dataclass
+class Entry:
+    seq: int
+    version: str
+    kind: str  # promote | rollback | manual
+    dataset: str
+    metrics: dict
+    decision: dict
+    commit: str
+    time: str
+    model_key: str
+    model_sha256: str
+    target: str
+    reason: str = ""
+    parent_commit: str = ""  # the Space head this commit was built on
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Entry:
+        known = {f.name for f in fields(cls)}
+        extra = {k: v for k, v in d.items() if k not in known}
+        entry = cls(**{k: v for k, v in d.items() if k in known})
+        entry.extra = {**entry.extra, **extra}
+        return entry
+
+    @property
+    def accuracy(self) -> float | None:
+        acc = (self.metrics or {}).get("holdout_accuracy")
+        return float(acc) if isinstance(acc, int | float) else None
+
+
+def _key(seq: int) -> str:
+    return f"{ENTRIES}{seq:06d}.json"
+
+
+class Ledger:
+    def __init__(self, store: Storage):
+        self.store = store
+
+    def _seqs(self) -> list[int]:
+        out = []
+        for key in self.store.list(ENTRIES):
+            name = key[len(ENTRIES) :]
+            if name.endswith(".json") and name[:-5].isdigit():
+                out.append(int(name[:-5]))
+        return sorted(out)
+
+    def get(self, seq: int) -> Entry:
+        try:
+            return Entry.from_dict(json.loads(self.store.get(_key(seq))))
+        except NotFound:
+            raise LedgerError(f"ledger entry {seq} not found ({_key(seq)})") from None
+
+    def history(self) -> list[Entry]:
+        """Every entry, oldest first."""
+        return [self.get(s) for s in self._seqs()]
+
+    def champion(self) -> Entry | None:
+        data, _ = self.store.read_pointer(POINTER)
+        if data is None:
+            return None
+        return self.get(int(json.loads(data)["seq"]))
+
+    def find(self, version: str) -> Entry | None:
+        """The newest entry that published ``version``."""
+        for entry in reversed(self.history()):
+            if entry.version == version:
+                return entry
+        return None
+
+    def record(self, **fields_: Any) -> Entry:
+        """Append an entry (after the Space commit succeeded) and make it the champion."""
+        kind = fields_.get("kind", "promote")
+        if kind not in KINDS:
+            raise LedgerError(f"ledger entry kind must be one of {KINDS}, got {kind!r}")
+        for required in ("version", "commit"):
+            if not fields_.get(required):
+                raise LedgerError(f"ledger entry needs a non-empty {required!r}")
+        fields_.setdefault("time", datetime.now(UTC).isoformat(timespec="seconds"))
+        for name, default in (
+            ("dataset", ""),
+            ("metrics", {}),
+            ("decision", {}),
+            ("model_key", ""),
+            ("model_sha256", ""),
+            ("target", ""),
+        ):
+            fields_.setdefault(name, default)
+        fields_["kind"] = kind
+        seqs = self._seqs()
+        seq = (seqs[-1] if seqs else 0) + 1
+        while True:
+            entry = Entry.from_dict({**fields_, "seq": seq})
+            body = json.dumps(entry.to_dict(), indent=1, sort_keys=True, default=str).encode()
+            if self.store.put_if_absent(_key(seq), body):
+                break
+            seq += 1  # another writer took this number: the next one is ours to try
+        self._advance_champion(entry)
+        log.info(
+            "ledger: %s %s as entry %d (commit %s)", kind, entry.version, seq, entry.commit[:12]
+        )
+        return entry
+
+    def _advance_champion(self, entry: Entry) -> None:
+        value = json.dumps(
+            {"seq": entry.seq, "version": entry.version, "commit": entry.commit}
+        ).encode()
+        for attempt in range(1000):
+            data, token = self.store.read_pointer(POINTER)
+            if data is not None and int(json.loads(data)["seq"]) >= entry.seq:
+                return  # a newer entry already holds the pointer: never move it backwards
+            if self.store.swap_pointer(POINTER, value, token):
+                return
+            time.sleep(min(0.001 * attempt, 0.05))
+        raise LedgerError(f"could not move the champion pointer to entry {entry.seq}")
+
+
+def format_status(store: Storage, limit: int = 20) -> str:
+    """The champion and the newest history entries as a readable table (for `freshnet status`)."""
+    ledger = Ledger(store)
+    champion = ledger.champion()
+    lines = []
+    if champion is None:
+        lines.append("champion: none yet (no model has been published)")
+    else:
+        acc = f"{champion.accuracy:.3f}" if champion.accuracy is not None else "n/a"
+        lines += [
+            f"champion: {champion.version}  (holdout accuracy {acc}, dataset {champion.dataset or 'n/a'})",
+            f"  space {champion.target} @ {champion.commit[:12]}, {champion.kind} at {champion.time}",
+        ]
+        if champion.reason:
+            lines.append(f"  reason: {champion.reason}")
+        report = f"decisions/{champion.version}.md"
+        if store.exists(report):
+            lines.append(f"  decision report: {store.url(report)}")
+    history = ledger.history()
+    if history:
+        lines += ["", f"history ({len(history)} entries, newest first):"]
+        lines.append(
+            f"{'seq':>4}  {'time':<25} {'kind':<9} {'version':<20} {'acc':>6}  {'commit':<12} reason"
+        )
+        for e in list(reversed(history))[:limit]:
+            acc = f"{e.accuracy:.3f}" if e.accuracy is not None else "   n/a"
+            mark = "*" if champion and e.seq == champion.seq else " "
+            lines.append(
+                f"{e.seq:>4}{mark} {e.time:<25} {e.kind:<9} {e.version:<20} {acc:>6}  "
+                f"{e.commit[:12]:<12} {e.reason}"
+            )
+    return "\n".join(lines)
