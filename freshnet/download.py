@@ -14,6 +14,7 @@ nor a second DNS answer can bypass it. Proxies from the environment are ignored 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -172,24 +173,20 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         await self.inner.sleep(seconds)
 
 
-def _make_client(cfg: DownloadConfig) -> httpx.AsyncClient:
-    limits = httpx.Limits(
-        max_connections=cfg.concurrency,
-        max_keepalive_connections=cfg.concurrency,
-        keepalive_expiry=5.0,
-    )
-    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False, retries=0)
+def _make_client(cfg: DownloadConfig, ssl_context, backend: GuardedBackend) -> httpx.AsyncClient:
+    """A client whose pool serves one origin: per-origin pools avoid httpcore's O(connections)
+    scans per request and the churn of one shared pool evicting other hosts' idle connections."""
+    transport = httpx.AsyncHTTPTransport(verify=ssl_context, trust_env=False, retries=0)
     # httpx has no public hook for the network backend; the pool it builds is replaced by one
-    # with identical settings plus the guard (checked by the SSRF tests).
-    ssl_context = transport._pool._ssl_context  # noqa: SLF001
+    # with the same settings plus the guard (checked by the SSRF tests).
     transport._pool = httpcore.AsyncConnectionPool(  # noqa: SLF001
         ssl_context=ssl_context,
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
+        max_connections=cfg.per_host,
+        max_keepalive_connections=cfg.per_host,
+        keepalive_expiry=5.0,
         http1=True,
         http2=False,
-        network_backend=GuardedBackend(parse_networks(cfg.allow_private)),
+        network_backend=backend,
     )
     timeout = httpx.Timeout(
         connect=cfg.connect_timeout_s,
@@ -261,19 +258,41 @@ class Downloader:
 
     def __init__(self, cfg: DownloadConfig):
         self.cfg = cfg
-        self._client: httpx.AsyncClient | None = None
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._active: dict[str, int] = {}
+        self._backend: GuardedBackend | None = None
+        self._ssl = None
         self._global: asyncio.Semaphore | None = None
         self._hosts: dict[str, asyncio.Semaphore] = {}
 
     async def __aenter__(self) -> Downloader:
-        self._client = _make_client(self.cfg)
+        self._backend = GuardedBackend(parse_networks(self.cfg.allow_private))
+        self._ssl = httpx.create_ssl_context()
         self._global = asyncio.Semaphore(self.cfg.concurrency)
         return self
 
     async def __aexit__(self, *exc) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        clients, self._clients = self._clients, {}
+        for client in clients.values():
+            await client.aclose()
+
+    @contextlib.asynccontextmanager
+    async def _client_for(self, url: httpx.URL):
+        origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
+        client = self._clients.get(origin)
+        if client is None:
+            assert self._backend is not None
+            client = self._clients[origin] = _make_client(self.cfg, self._ssl, self._backend)
+        self._active[origin] = self._active.get(origin, 0) + 1
+        try:
+            yield client
+        finally:
+            self._active[origin] -= 1
+            # Bound open sockets when a night touches thousands of hosts: drop idle origins.
+            if self._active[origin] == 0 and len(self._clients) > self.cfg.concurrency:
+                del self._active[origin]
+                if self._clients.pop(origin, None) is not None:
+                    await client.aclose()
 
     def _host_sem(self, host: str) -> asyncio.Semaphore:
         sem = self._hosts.get(host)
@@ -292,114 +311,123 @@ class Downloader:
         if url.startswith("file://"):
             return Fetched(url, "bad_url", "file:// URLs are only read for the folder source")
         async with self._global:
-            try:
-                async with asyncio.timeout(self.cfg.total_timeout_s):
-                    result = await self._fetch(url)
-            except TimeoutError:
-                result = Fetched(
-                    url,
-                    "timeout",
-                    f"not complete within total_timeout_s={self.cfg.total_timeout_s}",
-                )
+            result = await self._fetch(url)
         result.seconds = time.monotonic() - start
         return result
 
     async def _fetch(self, url: str) -> Fetched:
-        assert self._client is not None
         current = url
         seen = {url}
+        # The total budget counts time on the network only, not time queued for a host slot.
+        budget = self.cfg.total_timeout_s
         for _hop in range(self.cfg.max_redirects + 1):
             host = httpx.URL(current).host
             try:
-                async with self._host_sem(host), self._client.stream("GET", current) as resp:
-                    code = resp.status_code
-                    if code in REDIRECT_CODES:
-                        location = resp.headers.get("location")
-                        if not location:
-                            return Fetched(
-                                url,
-                                "http_other",
-                                f"HTTP {code} without Location",
-                                final_url=current,
-                            )
-                        try:
-                            nxt = normalize_url(str(resp.url.join(location)))
-                        except ValueError as exc:
-                            return Fetched(
-                                url, "bad_url", f"redirect from {current}: {exc}", final_url=current
-                            )
-                        if nxt.startswith("file://"):
-                            return Fetched(
-                                url, "bad_url", f"redirect to {nxt} refused", final_url=current
-                            )
-                        if nxt in seen:
-                            return Fetched(
-                                url,
-                                "too_many_redirects",
-                                f"redirect loop at {nxt}",
-                                final_url=current,
-                            )
-                        seen.add(nxt)
-                        current = nxt
-                        continue
-                    if 400 <= code < 500:
-                        return Fetched(url, "http_4xx", f"HTTP {code}", final_url=current)
-                    if code >= 500:
-                        return Fetched(url, "http_5xx", f"HTTP {code}", final_url=current)
-                    if not 200 <= code < 300:
-                        return Fetched(url, "http_other", f"HTTP {code}", final_url=current)
-                    declared = resp.headers.get("content-length")
-                    if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
-                        return Fetched(
-                            url,
-                            "too_large",
-                            f"Content-Length {declared} > max_bytes {self.cfg.max_bytes}",
-                            final_url=current,
-                        )
-                    data = await _read_capped(resp, self.cfg.max_bytes)
-                    return Fetched(
-                        url,
-                        "ok",
-                        data=data,
-                        final_url=current,
-                        content_type=resp.headers.get("content-type", ""),
-                    )
-            except BlockedAddress as exc:
-                return Fetched(url, "blocked_address", str(exc), final_url=current)
-            except _TooLarge as exc:
-                return Fetched(url, "too_large", str(exc), final_url=current)
-            except _BadEncoding as exc:
-                return Fetched(url, "decode_error", str(exc), final_url=current)
-            except ResolveFailed as exc:
-                return Fetched(url, "connection_error", str(exc), final_url=current)
-            except httpx.TimeoutException as exc:
-                return Fetched(
-                    url, "timeout", f"{type(exc).__name__} at {current}", final_url=current
-                )
-            except httpx.RemoteProtocolError as exc:
-                reason = (
-                    "truncated"
-                    if "incomplete" in str(exc).lower() or "closed" in str(exc).lower()
-                    else "connection_error"
-                )
-                return Fetched(url, reason, f"{current}: {exc}", final_url=current)
-            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-                return Fetched(url, "bad_url", f"{current}: {exc}", final_url=current)
-            except httpx.HTTPError as exc:
+                async with self._host_sem(host):
+                    hop_start = time.monotonic()
+                    async with asyncio.timeout(budget):
+                        hop = await self._hop(url, current)
+                    budget -= time.monotonic() - hop_start
+            except TimeoutError:
                 return Fetched(
                     url,
-                    "connection_error",
-                    f"{current}: {type(exc).__name__}: {exc}",
+                    "timeout",
+                    f"not complete within total_timeout_s={self.cfg.total_timeout_s}",
                     final_url=current,
                 )
-            except OSError as exc:
-                return Fetched(url, "connection_error", f"{current}: {exc}", final_url=current)
+            if isinstance(hop, Fetched):
+                return hop
+            if hop in seen:
+                return Fetched(
+                    url, "too_many_redirects", f"redirect loop at {hop}", final_url=current
+                )
+            seen.add(hop)
+            current = hop
         return Fetched(
             url,
             "too_many_redirects",
             f"more than {self.cfg.max_redirects} redirects",
             final_url=current,
         )
+
+    async def _hop(self, url: str, current: str) -> Fetched | str:
+        """One request: the final Fetched, or the next URL when redirected."""
+        try:
+            async with (
+                self._client_for(httpx.URL(current)) as client,
+                client.stream("GET", current) as resp,
+            ):
+                code = resp.status_code
+                if code in REDIRECT_CODES:
+                    location = resp.headers.get("location")
+                    if not location:
+                        return Fetched(
+                            url,
+                            "http_other",
+                            f"HTTP {code} without Location",
+                            final_url=current,
+                        )
+                    try:
+                        nxt = normalize_url(str(resp.url.join(location)))
+                    except ValueError as exc:
+                        return Fetched(
+                            url, "bad_url", f"redirect from {current}: {exc}", final_url=current
+                        )
+                    if nxt.startswith("file://"):
+                        return Fetched(
+                            url, "bad_url", f"redirect to {nxt} refused", final_url=current
+                        )
+                    return nxt
+                if 400 <= code < 500:
+                    return Fetched(url, "http_4xx", f"HTTP {code}", final_url=current)
+                if code >= 500:
+                    return Fetched(url, "http_5xx", f"HTTP {code}", final_url=current)
+                if not 200 <= code < 300:
+                    return Fetched(url, "http_other", f"HTTP {code}", final_url=current)
+                declared = resp.headers.get("content-length")
+                if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
+                    return Fetched(
+                        url,
+                        "too_large",
+                        f"Content-Length {declared} > max_bytes {self.cfg.max_bytes}",
+                        final_url=current,
+                    )
+                data = await _read_capped(resp, self.cfg.max_bytes)
+                return Fetched(
+                    url,
+                    "ok",
+                    data=data,
+                    final_url=current,
+                    content_type=resp.headers.get("content-type", ""),
+                )
+        except BlockedAddress as exc:
+            return Fetched(url, "blocked_address", str(exc), final_url=current)
+        except _TooLarge as exc:
+            return Fetched(url, "too_large", str(exc), final_url=current)
+        except _BadEncoding as exc:
+            return Fetched(url, "decode_error", str(exc), final_url=current)
+        except ResolveFailed as exc:
+            return Fetched(url, "connection_error", str(exc), final_url=current)
+        except httpx.TimeoutException as exc:
+            return Fetched(url, "timeout", f"{type(exc).__name__} at {current}", final_url=current)
+        except httpx.RemoteProtocolError as exc:
+            reason = (
+                "truncated"
+                if "incomplete" in str(exc).lower() or "closed" in str(exc).lower()
+                else "connection_error"
+            )
+            return Fetched(url, reason, f"{current}: {exc}", final_url=current)
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            return Fetched(url, "bad_url", f"{current}: {exc}", final_url=current)
+        except httpx.HTTPError as exc:
+            return Fetched(
+                url,
+                "connection_error",
+                f"{current}: {type(exc).__name__}: {exc}",
+                final_url=current,
+            )
+        except OSError as exc:
+            return Fetched(url, "connection_error", f"{current}: {exc}", final_url=current)
 
 
 async def fetch_all(urls: list[str], cfg: DownloadConfig) -> list[Fetched]:

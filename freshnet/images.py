@@ -148,8 +148,9 @@ def normalize(data: bytes, cfg: ImagesConfig) -> Normalized:
     if max(im.size) > cfg.max_side:
         scale = cfg.max_side / max(im.size)
         size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-        # Bilinear in Pillow is a filtered (antialiased) downscale and ~3x cheaper than Lanczos.
-        im = im.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
+        # Only ever a downscale, where BOX is area averaging (antialiased, like INTER_AREA) at a
+        # fraction of Lanczos' cost; this resize is the largest CPU item of ingest.
+        im = im.resize(size, Image.Resampling.BOX)
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=cfg.jpeg_quality)
     out = buf.getvalue()

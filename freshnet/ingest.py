@@ -15,7 +15,7 @@ import logging
 import multiprocessing
 import os
 import sys
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -24,7 +24,7 @@ from freshnet.config import Config, ImagesConfig
 from freshnet.download import Downloader, normalize_url
 from freshnet.images import ImageRejected, Normalized, image_key, normalize
 from freshnet.sources import Candidate
-from freshnet.storage import Storage
+from freshnet.storage import FileStorage, Storage
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +68,28 @@ def count_outcomes(outcomes: list[Outcome]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _normalize_job(data: bytes, cfg: ImagesConfig) -> Normalized | ImageRejected:
-    """Runs in a worker: returns the rejection instead of raising, so it pickles cheaply."""
+_WORKER_STORES: dict[str, FileStorage] = {}
+
+
+def _normalize_job(
+    data: bytes, cfg: ImagesConfig, store_root: str | None
+) -> tuple[Normalized | ImageRejected, bool | None]:
+    """Runs in a worker: normalize, and for file storage also write the image there (saves
+    shipping the bytes back); rejections are returned, not raised, so they pickle cheaply."""
     try:
-        return normalize(data, cfg)
+        result = normalize(data, cfg)
     except ImageRejected as exc:
-        return exc
+        return exc, None
     except Exception as exc:  # noqa: BLE001 - a Pillow bug on hostile input is still a bad image
-        return ImageRejected("decode_error", f"{type(exc).__name__}: {exc}")
-
-
-def _warm_worker() -> None:
-    import imagehash  # noqa: F401 - pay the scipy import once per worker, not on the first image
+        return ImageRejected("decode_error", f"{type(exc).__name__}: {exc}"), None
+    if store_root is None:
+        return result, None
+    store = _WORKER_STORES.get(store_root)
+    if store is None:
+        store = _WORKER_STORES[store_root] = FileStorage(store_root)
+    wrote = store.put_if_absent(image_key(result.sha256), result.data)
+    result.data = b""
+    return result, wrote
 
 
 def _read_local(path: Path, max_bytes: int) -> tuple[str, str, bytes | None]:
@@ -98,6 +108,20 @@ def _read_local(path: Path, max_bytes: int) -> tuple[str, str, bytes | None]:
     return "ok", "", data
 
 
+def _interleave_by_host(jobs: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Round-robin over hosts, so a host with many URLs does not hold every worker at its limit."""
+    groups: dict[str, deque[tuple[int, str]]] = {}
+    for job in jobs:
+        groups.setdefault(urlsplit(job[1]).netloc, deque()).append(job)
+    out: list[tuple[int, str]] = []
+    queues = list(groups.values())
+    while queues:
+        for q in queues:
+            out.append(q.popleft())
+        queues = [q for q in queues if q]
+    return out
+
+
 class _Pool:
     """The normalizer pool, recreated if a worker dies (e.g. killed by the OOM killer)."""
 
@@ -109,21 +133,25 @@ class _Pool:
     def _make(self) -> cf.Executor:
         if self.threads:
             return cf.ThreadPoolExecutor(self.workers, thread_name_prefix="freshnet-normalize")
-        # spawn, not fork: the parent runs an event loop and threads.
-        ctx = multiprocessing.get_context("spawn")
-        return cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_warm_worker)
+        # forkserver, not fork: the parent runs an event loop and threads. The server imports the
+        # normalizer once and forks every worker from it, instead of one full import per worker.
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["freshnet.ingest", "imagehash"])
+        return cf.ProcessPoolExecutor(self.workers, mp_context=ctx)
 
-    async def run(self, data: bytes, cfg: ImagesConfig) -> Normalized | ImageRejected:
+    async def run(
+        self, data: bytes, cfg: ImagesConfig, store_root: str | None
+    ) -> tuple[Normalized | ImageRejected, bool | None]:
         loop = asyncio.get_running_loop()
         executor = self.executor
         try:
-            return await loop.run_in_executor(executor, _normalize_job, data, cfg)
+            return await loop.run_in_executor(executor, _normalize_job, data, cfg, store_root)
         except cf.process.BrokenProcessPool as exc:
             if self.executor is executor:
                 log.error("normalizer pool broke (%s); starting a new one", exc)
                 executor.shutdown(wait=False, cancel_futures=True)
                 self.executor = self._make()
-            return ImageRejected("normalizer_crashed", f"worker process died: {exc}")
+            return ImageRejected("normalizer_crashed", f"worker process died: {exc}"), None
 
     def close(self) -> None:
         # No wait: worker teardown (scipy, numpy) takes a second and nothing is pending by now.
@@ -162,10 +190,13 @@ async def _ingest_async(
     if not jobs:
         return outcomes  # type: ignore[return-value]
 
+    jobs = _interleave_by_host(jobs)
     workers = cfg.download.workers or os.cpu_count() or 1
     pool = _Pool(len(jobs), workers)
     images_cfg = cfg.images
     max_bytes = cfg.download.max_bytes
+    # Workers write to file storage themselves; other backends are written from here.
+    store_root = str(store.root) if type(store) is FileStorage else None
 
     async def handle(dl: Downloader, i: int, url: str) -> None:
         c = candidates[i]
@@ -182,12 +213,15 @@ async def _ingest_async(
         if status != "ok" or data is None:
             done(i, status, detail)
             return
-        result = await pool.run(data, images_cfg)
+        result, wrote = await pool.run(data, images_cfg, store_root)
         del data
         if isinstance(result, ImageRejected):
             done(i, result.reason, result.detail)
             return
-        wrote = await asyncio.to_thread(store.put_if_absent, image_key(result.sha256), result.data)
+        if wrote is None:
+            wrote = await asyncio.to_thread(
+                store.put_if_absent, image_key(result.sha256), result.data
+            )
         done(
             i,
             "accepted",
