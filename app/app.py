@@ -39,7 +39,12 @@ class Classifier:
         from fastai.learner import load_learner
         from fasttransform import Pipeline
 
-        self.learn = load_learner(model_path, cpu=True)
+        try:
+            self.learn = load_learner(model_path, cpu=True)
+        except UnboundLocalError:
+            # fastai swallows the ImportError of a module the pickle needs; load again to raise it
+            torch.load(model_path, map_location="cpu", weights_only=False)
+            raise
         self.model = self.learn.model.eval()
         dl = self.learn.dls.valid
         # split_idx=1 selects validation behaviour (center crop, no augmentation); the loaded

@@ -247,7 +247,7 @@ def validate_bundle(
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # keep __pycache__ out of the bundle
     try:
         proc = subprocess.run(
-            [sys.executable, "-I", "-c", _VALIDATOR, str(bundle), json.dumps(paths)],
+            [sys.executable, "-I", "-B", "-c", _VALIDATOR, str(bundle), json.dumps(paths)],
             cwd=bundle,
             env=env,
             capture_output=True,
@@ -268,21 +268,29 @@ def validate_bundle(
         log.info("bundle validation failed:\n%s", out.get("traceback", ""))
         return BundleCheck(False, f"bundle failed in a clean process: {out['error']}", preds)
     latency = max((p["s"] for p in preds), default=0.0)
-    check = BundleCheck(True, "ok", preds, latency, out.get("load_s", 0.0))
-    for (path, expected), pred in zip(canaries, preds, strict=True):
+    ok, reason = judge_canaries(canaries, preds, latency_budget_s)
+    return BundleCheck(ok, reason, preds, latency, out.get("load_s", 0.0))
+
+
+def judge_canaries(
+    canaries: list[tuple[Path, str]], predictions: list[dict], latency_budget_s: float
+) -> tuple[bool, str]:
+    """Same labels as in-process evaluation, each canary within the latency budget."""
+    if len(predictions) != len(canaries):
+        return False, f"bundle predicted {len(predictions)} of {len(canaries)} canaries"
+    for (path, expected), pred in zip(canaries, predictions, strict=True):
         if pred["label"] != expected:
-            check.ok = False
-            check.reason = (
+            return False, (
                 f"canary {Path(path).name}: bundle predicts {pred['label']!r}, "
                 f"in-process evaluation predicted {expected!r}"
             )
-            return check
-    if latency > latency_budget_s:
-        check.ok = False
-        check.reason = (
-            f"slowest canary took {latency:.2f} s, over the {latency_budget_s:.2f} s budget"
+    slowest = max(predictions, key=lambda p: p["s"], default=None)
+    if slowest is not None and slowest["s"] > latency_budget_s:
+        return False, (
+            f"canary {Path(slowest['path']).name} took {slowest['s']:.2f} s, "
+            f"over the {latency_budget_s:.2f} s budget"
         )
-    return check
+    return True, "ok"
 
 
 # --------------------------------------------------------------------------- publishers

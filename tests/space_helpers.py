@@ -114,3 +114,22 @@ def write_meta(path: Path, **meta: object) -> Path:
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def model_for_tests(flower_photos: dict[str, list[Path]], tmp_path_factory) -> Path:
+    """One trained model per test session (FRESHNET_SPACE_TEST_MODEL reuses a prebuilt one)."""
+    prebuilt = os.environ.get("FRESHNET_SPACE_TEST_MODEL")
+    if prebuilt:
+        return Path(prebuilt)
+    return train_flower_model(flower_photos, tmp_path_factory.getbasetemp() / "space-model")
+
+
+def bundle_meta(version: str, **extra: object) -> dict:
+    return {
+        "version": version,
+        "date": "2026-11-27",
+        "holdout_accuracy": 0.8,
+        "classes": ["daisy", "dandelion", "roses", "sunflowers", "tulips"],
+        "dataset": "snap-test",
+        **extra,
+    }
