@@ -96,7 +96,7 @@ class TrainConfig(_Section):
     init: Literal["imagenet", "champion", "scratch"] = "imagenet"
     epochs: int = Field(3, ge=1, le=1000)
     freeze_epochs: int = Field(1, ge=0, le=100)
-    lr: float | Literal["find"] = 2e-3
+    lr: float | Literal["find"] = 5e-3
     image_size: int = Field(160, ge=32, le=1024)
     batch_size: int = Field(32, ge=1, le=4096)
     resize_method: Literal["squish", "crop", "pad"] = "squish"
@@ -109,6 +109,7 @@ class TrainConfig(_Section):
     min_scale: float = Field(0.75, gt=0, le=1.0)  # RandomResizedCrop lower bound when augmenting
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on CUDA, fp32 on CPU
     num_workers: int | None = Field(None, ge=0, le=64)  # None: 0 on CPU, min(8, cores) on CUDA
+    freeze_bn: bool = True  # body BatchNorm keeps pretrained statistics (small data, small batches)
 
 
 class PolicyConfig(_Section):

@@ -316,6 +316,26 @@ def _champion_state(init_from: Path, arch: str, vocab: list[str]) -> tuple[dict 
     return champ.model.state_dict(), "warm start from champion"
 
 
+def _frozen_bn_callback():
+    """A callback keeping the body's BatchNorm layers on their pretrained statistics while training.
+
+    Batch statistics of a few hundred small-batch images are noisy; the head is then trained on
+    features that differ from the ones it sees at inference (running statistics).
+    """
+    from fastai.callback.core import Callback, TrainEvalCallback
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    class FrozenBodyBN(Callback):
+        run_after = TrainEvalCallback
+
+        def before_train(self) -> None:
+            for m in self.learn.model[0].modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+
+    return FrozenBodyBN()
+
+
 def train_model(
     manifest_train: pd.DataFrame,
     image_dir: Path,
@@ -363,6 +383,9 @@ def train_model(
     learn = build_learner(dls, cfg, pretrained=init in ("imagenet", "champion") and state is None)
     if state is not None:
         learn.model.load_state_dict(state)
+    frozen_bn = _frozen_bn_callback() if cfg.freeze_bn and init != "scratch" else None
+    if frozen_bn is not None:
+        learn.add_cb(frozen_bn)
     precision = _precision(cfg, device)
     # channels-last is faster for these convolutions on CUDA and on CPU (oneDNN) alike.
     learn.model.to(memory_format=torch.channels_last)
@@ -390,6 +413,8 @@ def train_model(
     for i, h in enumerate(history):
         log.info("epoch %d: %s", i, ", ".join(f"{k}={v:.4f}" for k, v in h.items()))
 
+    if frozen_bn is not None:
+        learn.remove_cb(frozen_bn)  # a freshnet class: it must not be pickled into the model
     export_learner(learn, Path(out_path), cfg.arch)
     result = TrainResult(
         model_path=Path(out_path),

@@ -115,7 +115,9 @@ def test_tiny_training_result(tiny):
     res = tiny["result"]
     assert res.model_path.exists() and res.arch == "efficientnet_lite0"
     assert res.vocab == ["daisy", "sunflowers"]
-    assert res.train_size + res.valid_size == len(tiny["train"]) and res.valid_size == 4  # ceil(12 * 0.1) per class
+    assert (
+        res.train_size + res.valid_size == len(tiny["train"]) and res.valid_size == 4
+    )  # ceil(12 * 0.1) per class
     assert res.device == "cpu" and res.precision == "fp32" and res.init == "imagenet"
     assert 0.0 <= res.valid_accuracy <= 1.0 and res.history
 
@@ -290,10 +292,10 @@ def train_snapshot_call(store, snapshot_id, cfg, tmp_path):
 
 @pytest.mark.slow
 def test_flowers_recipe_reaches_085(flower_photos, tmp_path):
-    """Sanity check of the default recipe on real photos: 5 flower classes, 60 images each."""
+    """Sanity check of the default recipe on real photos: 5 flower classes, 120 images each."""
     from freshnet.evaluate import evaluate_model
 
-    manifest = flower_manifest(flower_photos, tmp_path / "images", sorted(flower_photos), 60)
+    manifest = flower_manifest(flower_photos, tmp_path / "images", sorted(flower_photos), 120)
     train = manifest[manifest["split"] == "train"]
     t0 = time.perf_counter()
     res = train_model(train, tmp_path / "images", TrainConfig(device="cpu"), tmp_path / "model.pkl")
