@@ -19,7 +19,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -134,14 +134,15 @@ def _hash_chunk(paths: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def hash_files(
     paths: Sequence[str | Path], workers: int | None = None, chunk: int = 64
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(pHash, dHash, ok) uint64/bool arrays for image files, hashed in ``workers`` processes."""
+    """(pHash, dHash, ok) uint64/bool arrays for image files, hashed in ``workers`` threads."""
     names = [str(p) for p in paths]
     chunks = [names[i : i + chunk] for i in range(0, len(names), chunk)]
     workers = workers if workers is not None else (os.cpu_count() or 1)
     if workers <= 1 or len(chunks) <= 1:
         parts = [_hash_chunk(c) for c in chunks]
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # Threads, not processes: Pillow releases the GIL while decoding, which is the whole cost.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             parts = list(pool.map(_hash_chunk, chunks))
     if not parts:
         empty = np.zeros(0, _U64)
@@ -301,19 +302,20 @@ def find_pairs(hashes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def brute_force_pairs(
-    hashes: np.ndarray, k: int, block: int = 2048
+    hashes: np.ndarray, k: int, block: int = 256
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reference all-pairs search (O(n²)); used by tests and benchmarks to check ``find_pairs``."""
     hashes = np.asarray(hashes, dtype=_U64)
     out_i, out_j, out_d = [], [], []
     for s in range(0, len(hashes), block):
-        d = hamming(hashes[s : s + block, None], hashes[None, :])
+        rest = hashes[s:]  # upper triangle only: j >= s
+        d = np.bitwise_count(hashes[s : s + block, None] ^ rest[None, :])
         i, j = np.nonzero(d <= k)
-        i = i + s
         keep = j > i
-        out_i.append(i[keep])
-        out_j.append(j[keep])
-        out_d.append(d[i[keep] - s, j[keep]])
+        i, j = i[keep], j[keep]
+        out_d.append(d[i, j])
+        out_i.append(i + s)
+        out_j.append(j + s)
     if not out_i:
         e = np.zeros(0, np.int64)
         return e, e.copy(), e.copy()
