@@ -403,9 +403,16 @@ def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> 
     new_split = [""] * n
     new_status = ["ok"] * n
     new_note = [""] * n
+    alias: dict[str, str] = {}  # existing group merged tonight -> the group it joined
+
+    def canon(g: str) -> str:
+        while g in alias:
+            g = alias[g]
+        return g
+
     comps = sorted(uf.groups().values(), key=min)
     for comp in comps:
-        near = set().union(*(touched[i] for i in comp))
+        near = {canon(g) for i in comp for g in touched[i]}
         comp_labels = {pending[i]["label"] for i in comp}
         for i in comp:
             comp_labels |= batch_conflicts.get(i, set())
@@ -433,6 +440,7 @@ def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> 
             split = group_split[gid]
             for g in sorted(near - {gid}):
                 # Same split on both sides, so existing rows change group but never split.
+                alias[g] = gid
                 for r in members.pop(g):
                     groups[r] = gid
                     members[gid].append(r)

@@ -290,3 +290,24 @@ def test_accepts_ingest_outcome_objects(tmp_path, flower_photos) -> None:
         "quarantined": 0,
     }
     assert ds.CurationReport.from_dict(json.loads(json.dumps(rep.to_dict()))) == rep
+
+
+def test_bridging_image_merges_groups_of_one_split(tmp_path) -> None:
+    store = FileStorage(tmp_path / "store")
+    cfg = _cfg(tmp_path, holdout_fraction=0.5)
+    x = 0x0123456789ABCDEF
+    a = _sha_with_split("train", cfg, 1)
+    b = _sha_with_split("train", cfg, int(a[:4], 16) % 97 + 3000)
+    ds.curate(store, [_fake("daisy", a, x), _fake("daisy", b, x ^ 0b11111)], "1", cfg)
+    before = _rows(store)
+    assert before[a]["group"] != before[b]["group"]
+    c, d = hashlib.sha256(b"c").hexdigest(), hashlib.sha256(b"d").hexdigest()
+    # c is near a and b (bridges them); d is near only the one whose group the merge absorbs.
+    absorbed_is_b = before[b]["group"] > before[a]["group"]
+    dh = (x ^ 0b11111 ^ (3 << 40)) if absorbed_is_b else (x ^ (7 << 40))
+    rep = ds.curate(store, [_fake("daisy", c, x ^ 0b11), _fake("daisy", d, dh)], "2", cfg)
+    assert rep.per_class["daisy"]["near_duplicate"] == 2
+    rows = _rows(store)
+    gid = min(before[a]["group"], before[b]["group"])
+    assert {rows[s]["group"] for s in (a, b, c, d)} == {gid}
+    assert {rows[s]["split"] for s in (a, b, c, d)} == {"train"}
