@@ -69,6 +69,8 @@ STATUSES = ("ok", "label_conflict", "split_conflict", "noisy_label", "dropped")
 QUARANTINE_STATUSES = ("label_conflict", "split_conflict", "noisy_label")
 POINTER = "catalog"
 DECISIONS_KEY = "quarantine/decisions.json"
+MAX_SEGMENTS = 64  # index segments before a compaction
+KEEP_VERSIONS = 5  # catalog versions kept for readers that loaded an older pointer
 NO_SPLIT = "none"  # split of a split_conflict image: it belongs to neither side
 
 
@@ -172,13 +174,30 @@ def load_catalog(store: Storage) -> pd.DataFrame:
 
 
 def _commit(
-    store: Storage, state: CatalogState, df: pd.DataFrame, segments: list[str], what: str
+    store: Storage,
+    state: CatalogState,
+    df: pd.DataFrame,
+    segments: list[str],
+    what: str,
+    new_segments: Sequence[str] = (),
 ) -> None:
+    """Write the catalog as a new version and swap the pointer; old versions are pruned later.
+
+    The pointer remembers the last KEEP_VERSIONS catalog keys and the segments a compaction
+    retired, so pruning never needs to list storage and never deletes what a reader that loaded
+    a recent pointer may still fetch.
+    """
     version = state.version + 1
     key = f"catalog/v{version:06d}-{secrets.token_hex(4)}.parquet"
     buf = io.BytesIO()
     df[ALL_COLUMNS].to_parquet(buf, index=False)
     store.put(key, buf.getvalue())
+    old = state.pointer
+    history = [*old.get("history", []), key]
+    retired = [dict(r) for r in old.get("retired", [])]
+    gone = [s for s in state.index.segments if s not in set(segments)]
+    if gone:
+        retired.append({"version": version, "keys": gone})
     ptr = {
         "version": version,
         "catalog_key": key,
@@ -186,12 +205,22 @@ def _commit(
         "rows": len(df),
         "updated": what,
         "time": datetime.now(UTC).isoformat(timespec="seconds"),
+        "history": history[-KEEP_VERSIONS:],
+        "retired": [r for r in retired if r["version"] > version - KEEP_VERSIONS],
     }
     if not store.swap_pointer(POINTER, json.dumps(ptr, sort_keys=True).encode(), state.token):
+        for k in [key, *new_segments]:  # ours alone, never visible: safe to remove
+            store.delete(k)
         raise CatalogConflict(
             f"catalog pointer changed while {what} ran (another writer); rerun it"
         )
     log.info("catalog v%d: %d rows (%s)", version, len(df), what)
+    for k in history[:-KEEP_VERSIONS]:
+        store.delete(k)
+    for r in retired:
+        if r["version"] <= version - KEEP_VERSIONS:
+            for k in r["keys"]:
+                store.delete(k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,9 +534,23 @@ def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> 
     segments = list(state.index.segments)
     if n:
         seg = f"index/segments/{state.version + 1:06d}-{secrets.token_hex(4)}.npz"
-        dedupe.write_segment(store, seg, P, D, HD, dedupe.tags_of([o["sha256"] for o in pending]))
-        segments.append(seg)
-    _commit(store, state, out, segments, f"curate night {night}")
+        tags = dedupe.tags_of([o["sha256"] for o in pending])
+        if len(segments) >= MAX_SEGMENTS:
+            # Compaction, once every MAX_SEGMENTS nights: one O(all) write keeps loads cheap.
+            full = state.index.appended(P, D, HD, tags)
+            dedupe.write_segment(store, seg, full.phash, full.dhash, full.has_dhash, full.tag)
+            segments = [seg]
+        else:
+            dedupe.write_segment(store, seg, P, D, HD, tags)
+            segments.append(seg)
+    _commit(
+        store,
+        state,
+        out,
+        segments,
+        f"curate night {night}",
+        new_segments=segments[-1:] if n else (),
+    )
 
     per_class = {c: dict(v) for c, v in sorted(counts.items())}
     return CurationReport(

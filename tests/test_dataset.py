@@ -311,3 +311,22 @@ def test_bridging_image_merges_groups_of_one_split(tmp_path) -> None:
     gid = min(before[a]["group"], before[b]["group"])
     assert {rows[s]["group"] for s in (a, b, c, d)} == {gid}
     assert {rows[s]["split"] for s in (a, b, c, d)} == {"train"}
+
+
+def test_index_compaction_and_pruning_keep_state_whole(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(ds, "MAX_SEGMENTS", 3)
+    monkeypatch.setattr(ds, "KEEP_VERSIONS", 2)
+    store = FileStorage(tmp_path / "store")
+    cfg = _cfg(tmp_path)
+    shas = []
+    for night in range(1, 9):
+        sha = hashlib.sha256(f"n{night}".encode()).hexdigest()
+        shas.append(sha)
+        ds.curate(
+            store, [_fake("daisy", sha, (night * 0x9E3779B97F4A7C15) % 2**64)], str(night), cfg
+        )
+        state = ds.load_state(store)
+        assert state.df["sha256"].tolist() == shas and len(state.index) == night
+        assert len(state.index.segments) <= 3
+    assert len(store.list("catalog/")) == 2
+    assert len(store.list("index/segments/")) <= 3 + 3  # live + retired within the keep window
