@@ -133,3 +133,41 @@ def bundle_meta(version: str, **extra: object) -> dict:
         "dataset": "snap-test",
         **extra,
     }
+
+
+class ServedApp:
+    """`python app.py` in a bundle folder, exactly as the Space runs it (context manager)."""
+
+    def __init__(self, bundle: Path, log_dir: Path, **env: str):
+        self.bundle = bundle
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log_path = log_dir / f"app-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "GRADIO_SERVER_PORT": str(self.port),
+            "GRADIO_SERVER_NAME": "127.0.0.1",
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            **env,
+        }
+        self.proc = None
+
+    def __enter__(self) -> ServedApp:
+        import subprocess
+        import sys
+
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "app.py"], cwd=self.bundle, env=self.env, stdout=log, stderr=log
+            )
+        try:
+            wait_http(self.url, timeout_s=240)
+        except TimeoutError:
+            self.__exit__()
+            raise TimeoutError(f"app did not start: {self.log_path.read_text()[-2000:]}") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -15,7 +13,7 @@ import pytest
 
 from freshnet import space
 from freshnet.config import SpaceConfig
-from tests.space_helpers import bundle_meta, free_port, model_for_tests, split_flowers, wait_http
+from tests.space_helpers import ServedApp, bundle_meta, free_port, model_for_tests, split_flowers
 
 APP = Path(__file__).resolve().parents[1] / "app"
 
@@ -89,27 +87,10 @@ def served(space_model, example_photos, tmp_path_factory):
         root / "bundle",
         SpaceConfig(title="Flowers"),
     )
-    port = free_port()
-    env = {
-        **os.environ,
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "FRESHNET_FEEDBACK": str(root / "feedback"),
-        "FRESHNET_MAX_UPLOAD_MB": "1",
-    }
-    log = open(root / "app.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "app.py"], cwd=bundle, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_http(url, timeout_s=240)
-        yield {"url": url, "root": root, "bundle": bundle}
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+    with ServedApp(
+        bundle, root, FRESHNET_FEEDBACK=str(root / "feedback"), FRESHNET_MAX_UPLOAD_MB="1"
+    ) as app:
+        yield {"url": app.url, "root": root, "bundle": bundle}
 
 
 @pytest.fixture(scope="module")
