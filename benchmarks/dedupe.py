@@ -29,6 +29,8 @@ import logging
 import multiprocessing as mp
 import os
 import resource
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,20 +122,21 @@ def search_1m() -> dict:
 IMAGEDEDUP_SEARCH_TIMEOUT_S = 300
 
 
-def _imagededup_search_child(conn, enc: dict[str, str]) -> None:
+def _imagededup_search(enc_path: str) -> None:
+    """Internal mode (run in its own session so a timeout can stop its worker pool too)."""
     logging.disable(logging.WARNING)
     import warnings
 
     warnings.simplefilter("ignore")
     from imagededup.methods import PHash
 
+    enc = json.loads(Path(enc_path).read_text())
     t = time.perf_counter()
     dup = PHash(verbose=False).find_duplicates(encoding_map=enc, max_distance_threshold=K)
-    conn.send((time.perf_counter() - t, sum(len(v) for v in dup.values()) // 2))
-    conn.close()
+    print(json.dumps([time.perf_counter() - t, sum(len(v) for v in dup.values()) // 2]))
 
 
-def search_20k_vs_imagededup() -> dict:
+def search_20k_vs_imagededup(tmp: Path) -> dict:
     h, _ = planted(20_000, 0.01, K, seed=2)
     t = time.perf_counter()
     i, j, _ = dedupe.find_pairs(h, K)
@@ -148,18 +151,24 @@ def search_20k_vs_imagededup() -> dict:
         import imagededup  # noqa: F401
     except ImportError:
         return out
-    # In a child with a time limit: on a busy 2-core machine it has taken > 6 minutes.
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    enc = {f"{n}": f"{int(v):016x}" for n, v in enumerate(h)}
-    p = ctx.Process(target=_imagededup_search_child, args=(child, enc))
-    p.start()
-    if parent.poll(IMAGEDEDUP_SEARCH_TIMEOUT_S):
-        out["imagededup_s"], out["imagededup_pairs"] = parent.recv()
-    else:
+    enc_path = tmp / "enc.json"
+    enc_path.write_text(json.dumps({f"{n}": f"{int(v):016x}" for n, v in enumerate(h)}))
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--imagededup-search", str(enc_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        stdout, _ = proc.communicate(timeout=IMAGEDEDUP_SEARCH_TIMEOUT_S)
+        out["imagededup_s"], out["imagededup_pairs"] = json.loads(
+            stdout.decode().strip().splitlines()[-1]
+        )
+    except subprocess.TimeoutExpired:
+        # It has taken > 6 minutes on a busy 2-core machine: stop it and its worker pool.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
         out["imagededup_s"] = f"> {IMAGEDEDUP_SEARCH_TIMEOUT_S} (stopped)"
-        p.terminate()
-    p.join()
     return out
 
 
@@ -326,7 +335,8 @@ def main() -> None:
     )
     s1m = search_1m()
     print(f"near_dup_search_1m done ({s1m['seconds']:.1f} s)", flush=True)
-    s20k = search_20k_vs_imagededup()
+    with tempfile.TemporaryDirectory() as tmp:
+        s20k = search_20k_vs_imagededup(Path(tmp))
     with tempfile.TemporaryDirectory() as tmp:
         inc = incremental_10k(Path(tmp))
     print(f"near_dup_incremental_10k done ({inc['seconds']:.1f} s)", flush=True)
@@ -439,4 +449,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--imagededup-search":
+        _imagededup_search(sys.argv[2])
+    else:
+        main()

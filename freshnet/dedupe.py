@@ -230,19 +230,68 @@ def _build_bands(hashes: np.ndarray, k: int) -> list[_Band]:
     return bands
 
 
+def _search_chunk(
+    band: _Band,
+    q_order: np.ndarray,
+    q_keys: np.ndarray,
+    q_hashes: np.ndarray,
+    start: int,
+    chunk: int,
+    k: int,
+    self_join: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    empty = np.int32(1 << band.width)  # index of the always-empty extra bucket
+    key = q_keys[start : start + chunk]
+    c = len(key)
+    keys = band.masks[:, None] ^ key[None, :]  # (V, c), mask-major
+    if self_join:
+        # Each pair in different buckets is found from both sides: keep the smaller key's.
+        keys[1:] = np.where(keys[1:] > key[None, :], keys[1:], empty)
+    keys = keys.ravel()
+    cnt = band.counts[keys]
+    nz = np.flatnonzero(cnt)
+    if len(nz) == 0:
+        return None
+    cnt = cnt[nz]
+    lo = band.offsets[keys[nz]]
+    qi = (nz % c).astype(np.int32)
+    total = int(cnt.sum(dtype=np.int64))
+    starts = np.cumsum(cnt, dtype=np.int64) - cnt
+    pos = np.arange(total, dtype=np.int64) + np.repeat(lo - starts, cnt)
+    qrep = np.repeat(qi, cnt)
+    d = hamming(q_hashes[start + qrep], band.sorted_hashes[pos])
+    hit = d <= k
+    if self_join:
+        # Same bucket (mask 0, the first c entries): keep the pair once, query before target.
+        same = np.repeat(nz < c, cnt)
+        hit &= ~same | (pos > start + qrep)
+    hit = np.flatnonzero(hit)
+    if len(hit) == 0:
+        return None
+    return (
+        q_order[start + qrep[hit]].astype(np.int64),
+        band.order[pos[hit]].astype(np.int64),
+        d[hit].astype(np.int64),
+    )
+
+
 def _search(
-    bands: list[_Band], queries: np.ndarray | None, k: int, chunk: int = 8192
+    bands: list[_Band],
+    queries: np.ndarray | None,
+    k: int,
+    chunk: int = 8192,
+    workers: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All (query position, indexed position, distance) with distance <= k, each pair once.
 
     ``queries=None`` is the self-join of the indexed hashes: each unordered pair once, as (i < j).
     Queries are visited in band-key order, mask by mask, so the bucket tables are read almost
-    sequentially (random reads into a 16 MiB table were 2-3x slower).
+    sequentially (random reads into a 16 MiB table were 2-3x slower). Chunks run in threads:
+    numpy releases the GIL in the gathers and popcounts that are the whole cost.
     """
-    out_q, out_t, out_d = [], [], []
     self_join = queries is None
+    tasks = []
     for band in bands:
-        empty = np.int32(1 << band.width)  # index of the always-empty extra bucket
         if self_join:
             q_order, q_keys, q_hashes = band.order, band.sorted_keys, band.sorted_hashes
         else:
@@ -250,39 +299,18 @@ def _search(
             q_order = np.argsort(keys, kind="stable").astype(np.int32)
             q_keys, q_hashes = keys[q_order], queries[q_order]
         for start in range(0, len(q_keys), chunk):
-            key = q_keys[start : start + chunk]
-            c = len(key)
-            keys = band.masks[:, None] ^ key[None, :]  # (V, c), mask-major
-            if self_join:
-                # Each pair in different buckets is found from both sides: keep the smaller key's.
-                keys[1:] = np.where(keys[1:] > key[None, :], keys[1:], empty)
-            keys = keys.ravel()
-            cnt = band.counts[keys]
-            nz = np.flatnonzero(cnt)
-            if len(nz) == 0:
-                continue
-            cnt = cnt[nz]
-            lo = band.offsets[keys[nz]]
-            qi = (nz % c).astype(np.int32)
-            total = int(cnt.sum(dtype=np.int64))
-            starts = np.cumsum(cnt, dtype=np.int64) - cnt
-            pos = np.arange(total, dtype=np.int64) + np.repeat(lo - starts, cnt)
-            qrep = np.repeat(qi, cnt)
-            d = hamming(q_hashes[start + qrep], band.sorted_hashes[pos])
-            hit = d <= k
-            if self_join:
-                # Same bucket (mask 0, the first c entries): keep the pair once, query before target.
-                same = np.repeat(nz < c, cnt)
-                hit &= ~same | (pos > start + qrep)
-            hit = np.flatnonzero(hit)
-            if len(hit):
-                out_q.append(q_order[start + qrep[hit]].astype(np.int64))
-                out_t.append(band.order[pos[hit]].astype(np.int64))
-                out_d.append(d[hit].astype(np.int64))
-    if not out_q:
+            tasks.append((band, q_order, q_keys, q_hashes, start, chunk, k, self_join))
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    if workers > 1 and len(tasks) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            found = list(pool.map(lambda t: _search_chunk(*t), tasks))
+    else:
+        found = [_search_chunk(*t) for t in tasks]
+    found = [f for f in found if f is not None]
+    if not found:
         e = np.zeros(0, np.int64)
         return e, e.copy(), e.copy()
-    fq, ft, fd = np.concatenate(out_q), np.concatenate(out_t), np.concatenate(out_d)
+    fq, ft, fd = (np.concatenate(x) for x in zip(*found, strict=True))
     if self_join:
         fq, ft = np.minimum(fq, ft), np.maximum(fq, ft)
     # One pair can be found through several bands.
