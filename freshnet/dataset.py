@@ -645,6 +645,17 @@ def diff_snapshots(store: Storage, a: str, b: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def format_diff(diff: pd.DataFrame) -> str:
+    """A readable table of ``diff_snapshots`` with a total line (for the CLI)."""
+    if diff.empty:
+        return "both snapshots are empty"
+    total = pd.DataFrame(
+        [["(total)", "", *diff[["in_a", "in_b", "added", "removed"]].sum().tolist()]],
+        columns=diff.columns,
+    )
+    return pd.concat([diff, total], ignore_index=True).to_string(index=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Quality gate
 
@@ -714,6 +725,16 @@ def list_quarantine(store: Storage) -> pd.DataFrame:
     return q[
         ["sha256", "label", "status", "note", "group", "split", "first_seen", "url"]
     ].reset_index(drop=True)
+
+
+def format_quarantine(q: pd.DataFrame) -> str:
+    """A readable table of ``list_quarantine`` (short shas; the prefix works in the commands)."""
+    if q.empty:
+        return "quarantine is empty"
+    view = q.assign(sha256=q["sha256"].str[:12])[
+        ["sha256", "label", "status", "first_seen", "note", "url"]
+    ]
+    return f"{len(q)} image(s) in quarantine\n" + view.to_string(index=False, max_colwidth=60)
 
 
 def _resolve(df: pd.DataFrame, sha: str) -> int:

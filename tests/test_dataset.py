@@ -117,6 +117,8 @@ def test_night_two_copies_follow_their_group_and_never_leak(tmp_path, flower_pho
     assert diff["removed"].sum() == 0
     assert diff["added"].sum() == snap2.rows - snap1.rows
     assert set(diff["label"]) == {"daisy", "roses"}
+    text = ds.format_diff(diff)
+    assert "(total)" in text and "holdout" in text
 
 
 def test_copy_under_another_label_is_quarantined_and_review_persists(
@@ -135,6 +137,9 @@ def test_copy_under_another_label_is_quarantined_and_review_persists(
         assert "daisy" in rows[sha]["note"] and "roses" in rows[sha]["note"]
     q = ds.list_quarantine(store)
     assert {wrong["sha256"], original["sha256"], outs[1]["sha256"]} <= set(q["sha256"])
+    assert wrong["sha256"][:12] in ds.format_quarantine(
+        q
+    ) and "label_conflict" in ds.format_quarantine(q)
     snap = ds.load_manifest(store, ds.make_snapshot(store, cfg).id)
     assert not {wrong["sha256"], original["sha256"]} & set(snap["sha256"])
 
