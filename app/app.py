@@ -4,6 +4,8 @@ This file is pushed to the Space as-is: it imports nothing from freshnet. Enviro
   GRADIO_SERVER_PORT / GRADIO_SERVER_NAME   where to listen (Gradio's own variables)
   FRESHNET_MAX_UPLOAD_MB                    upload size cap (default 10)
   FRESHNET_CONCURRENCY                      predictions run at once (default 4)
+  FRESHNET_JIT                              0: run the eager model instead of a frozen TorchScript copy
+  FRESHNET_TORCH_THREADS                    torch threads (default: cores / concurrency, at least 1)
   FRESHNET_FEEDBACK                         feedback sink: a folder (default ./feedback) or s3://bucket/prefix
 
 Feedback format (read by freshnet's `feedback` source), one pair per correction:
@@ -56,6 +58,36 @@ class Classifier:
             lambda x: torch.softmax(x, dim=-1)
         )
         self._torch = torch
+        self.forward = self._compile() if os.environ.get("FRESHNET_JIT", "1") != "0" else self.model
+
+    def _compile(self):
+        """A frozen TorchScript copy of the model (BatchNorm folded into convolutions).
+
+        Used only if it gives the same probabilities as the eager model on a probe image;
+        anything unusual (an untraceable architecture) keeps the eager model.
+        """
+        import warnings
+
+        from PIL import Image
+
+        torch = self._torch
+        try:
+            probe = self._tensor(Image.new("RGB", (320, 240), (120, 90, 60)))
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                frozen = torch.jit.optimize_for_inference(
+                    torch.jit.freeze(torch.jit.trace(self.model, probe).eval())
+                )
+                for _ in range(3):  # the profiling executor optimizes over the first calls
+                    fast = self.activation(frozen(probe))
+                slow = self.activation(self.model(probe))
+            if float((fast - slow).abs().max()) > 1e-5:
+                log.warning("frozen model differs from eager; using eager")
+                return self.model
+            return frozen
+        except Exception as exc:  # pragma: no cover - depends on the architecture
+            log.info("model not traceable (%s); using eager", exc)
+            return self.model
 
     def _tensor(self, image: Any):
         from fastai.vision.core import PILImage
@@ -70,7 +102,7 @@ class Classifier:
         """Class probabilities for a path, bytes or PIL image, in vocab order."""
         with self._torch.inference_mode():
             xb = self._tensor(image)
-            out = self.activation(self.model(xb))
+            out = self.activation(self.forward(xb))
         return [float(p) for p in out[0]]
 
     def predict(self, image: Any, top: int | None = None) -> dict[str, float]:
@@ -240,10 +272,18 @@ def _guard_image_preprocess(component: Any, gr: Any) -> None:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO)
+    import torch
+
+    concurrency = int(os.environ.get("FRESHNET_CONCURRENCY", "4"))
+    # Requests already run in parallel: more intra-op threads than cores per request only thrash.
+    threads = int(os.environ.get("FRESHNET_TORCH_THREADS", "0")) or max(
+        1, (os.cpu_count() or 1) // concurrency
+    )
+    torch.set_num_threads(threads)
     started = time.monotonic()
     demo = build_demo(HERE)
     demo.queue(
-        default_concurrency_limit=int(os.environ.get("FRESHNET_CONCURRENCY", "4")),
+        default_concurrency_limit=concurrency,
         max_size=int(os.environ.get("FRESHNET_QUEUE_SIZE", "64")),
     )
     log.info("model loaded in %.1f s", time.monotonic() - started)

@@ -130,6 +130,11 @@ class SpaceConfig(_Section):
     examples_dir: str | None = None  # images shown as examples; default: holdout samples
     wait_running: bool = False  # hf: wait for the Space runtime and send a canary
     feedback_dir: str = ".freshnet/feedback"
+    # Added by the space helper:
+    wait_timeout_s: float = Field(900.0, gt=0)  # hf: how long to wait for RUNNING
+    hf_token_secret: str | None = None  # Prefect Secret block holding the HF token (else HF_TOKEN)
+    serve_port: int = Field(7860, ge=1, le=65535)  # `freshnet serve` / `make app`
+    serve_poll_s: float = Field(2.0, gt=0)  # how often `freshnet serve` looks for a new commit
 
 
 class PrefectConfig(_Section):

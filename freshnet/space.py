@@ -483,34 +483,37 @@ def _http_reason(exc: Exception) -> str:
     return f"HTTP {status}: {str(exc).splitlines()[0][:300]}"
 
 
-def publisher_for(target: str) -> GitPublisher | HfPublisher:
+def publisher_for(target: str, token: str | None = None) -> GitPublisher | HfPublisher:
     if target.startswith(HF_PREFIX):
-        return HfPublisher(target[len(HF_PREFIX) :].strip("/"))
+        return HfPublisher(target[len(HF_PREFIX) :].strip("/"), token=token)
     if target.startswith("hf://"):
         raise PublishError(f"Space target {target!r}: use hf://spaces/<owner>/<name>")
     return GitPublisher(target)
 
 
-def publish(bundle: Path, target: str, message: str, expected_parent: str | None) -> str:
+def publish(
+    bundle: Path, target: str, message: str, expected_parent: str | None, token: str | None = None
+) -> str:
     """Push the bundle as one commit to ``target``; return the commit id.
 
     ``expected_parent``: the head the ledger last saw; None skips the check (first publish).
+    ``token``: hf targets only; default HF_TOKEN (a caller with a Prefect Secret passes it here).
     Raises SpaceMoved when the Space's head differs or moves during the push.
     """
     missing = [n for n in ("app.py", "model.pkl", "README.md") if not (Path(bundle) / n).is_file()]
     if missing:
         raise PublishError(f"bundle {bundle} is incomplete: missing {', '.join(missing)}")
-    return publisher_for(target).publish(Path(bundle), message, expected_parent)
+    return publisher_for(target, token).publish(Path(bundle), message, expected_parent)
 
 
-def space_head(target: str) -> str | None:
+def space_head(target: str, token: str | None = None) -> str | None:
     """The Space's current commit, or None when it has none yet."""
-    return publisher_for(target).head()
+    return publisher_for(target, token).head()
 
 
-def wait_space(target: str, timeout_s: float = 900.0) -> str:
+def wait_space(target: str, timeout_s: float = 900.0, token: str | None = None) -> str:
     """hf targets: wait for the runtime to reach RUNNING; other targets return at once."""
-    pub = publisher_for(target)
+    pub = publisher_for(target, token)
     return pub.wait_running(timeout_s) if isinstance(pub, HfPublisher) else "RUNNING"
 
 
