@@ -373,9 +373,7 @@ def main() -> None:
             "same_as_brute_force_50k": s1m["same_as_brute_force"],
             "brute_force_50k_s": round(s1m["brute_50k_s"], 2),
             "ours_20k_s": round(s20k["ours_s"], 3),
-            "imagededup_find_duplicates_20k_s": round(s20k["imagededup_s"], 2)
-            if s20k["imagededup_s"]
-            else None,
+            "imagededup_find_duplicates_20k_s": _r(s20k["imagededup_s"]),
             "pairs_20k_ours_vs_imagededup": [s20k["ours_pairs"], s20k["imagededup_pairs"]],
         }
     )
