@@ -4,7 +4,7 @@ This file is pushed to the Space as-is: it imports nothing from freshnet. Enviro
   GRADIO_SERVER_PORT / GRADIO_SERVER_NAME   where to listen (Gradio's own variables)
   FRESHNET_MAX_UPLOAD_MB                    upload size cap (default 10)
   FRESHNET_CONCURRENCY                      predictions run at once (default 4)
-  FRESHNET_JIT                              0: run the eager model instead of a frozen TorchScript copy
+  FRESHNET_JIT                              1: a frozen TorchScript copy (faster, within ~5e-5 of eager)
   FRESHNET_TORCH_THREADS                    torch threads (default: cores / concurrency, at least 1)
   FRESHNET_FEEDBACK                         feedback sink: a folder (default ./feedback) or s3://bucket/prefix
 
@@ -58,7 +58,9 @@ class Classifier:
             lambda x: torch.softmax(x, dim=-1)
         )
         self._torch = torch
-        self.forward = self._compile() if os.environ.get("FRESHNET_JIT", "1") != "0" else self.model
+        # Opt-in: BatchNorm folding moves probabilities by up to ~5e-5, so by default the eager
+        # model runs and results equal learn.predict exactly.
+        self.forward = self._compile() if os.environ.get("FRESHNET_JIT", "0") == "1" else self.model
 
     def _compile(self):
         """A frozen TorchScript copy of the model (BatchNorm folded into convolutions).
@@ -75,13 +77,11 @@ class Classifier:
             probe = self._tensor(Image.new("RGB", (320, 240), (120, 90, 60)))
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
-                frozen = torch.jit.optimize_for_inference(
-                    torch.jit.freeze(torch.jit.trace(self.model, probe).eval())
-                )
+                frozen = torch.jit.freeze(torch.jit.trace(self.model, probe).eval())
                 for _ in range(3):  # the profiling executor optimizes over the first calls
                     fast = self.activation(frozen(probe))
                 slow = self.activation(self.model(probe))
-            if float((fast - slow).abs().max()) > 1e-5:
+            if float((fast - slow).abs().max()) > 2e-5:
                 log.warning("frozen model differs from eager; using eager")
                 return self.model
             return frozen

@@ -190,6 +190,7 @@ class BundleCheck:
     predictions: list[dict] = field(default_factory=list)
     latency_s: float = 0.0  # slowest single canary prediction in the clean process
     load_s: float = 0.0
+    sys_path: list[str] = field(default_factory=list)  # what the clean process could import from
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,6 +221,7 @@ try:
         probs = clf.predict(path)
         label, p = next(iter(probs.items()))
         out["predictions"].append({"path": path, "label": label, "p": p, "s": time.perf_counter() - t})
+    out["sys_path"] = sys.path
 except BaseException as exc:
     out["error"] = f"{type(exc).__name__}: {exc}"
     out["traceback"] = traceback.format_exc()[-3000:]
@@ -269,7 +271,7 @@ def validate_bundle(
         return BundleCheck(False, f"bundle failed in a clean process: {out['error']}", preds)
     latency = max((p["s"] for p in preds), default=0.0)
     ok, reason = judge_canaries(canaries, preds, latency_budget_s)
-    return BundleCheck(ok, reason, preds, latency, out.get("load_s", 0.0))
+    return BundleCheck(ok, reason, preds, latency, out.get("load_s", 0.0), out.get("sys_path", []))
 
 
 def judge_canaries(
@@ -511,10 +513,35 @@ def space_head(target: str, token: str | None = None) -> str | None:
     return publisher_for(target, token).head()
 
 
-def wait_space(target: str, timeout_s: float = 900.0, token: str | None = None) -> str:
-    """hf targets: wait for the runtime to reach RUNNING; other targets return at once."""
+def wait_space(
+    target: str,
+    timeout_s: float = 900.0,
+    token: str | None = None,
+    canary: Path | None = None,
+    app_url: str | None = None,
+) -> dict:
+    """hf targets: wait for the runtime to reach RUNNING; then, with ``canary``, one prediction.
+
+    The canary goes to ``app_url`` (a served app) or, for hf targets, to the Space itself through
+    gradio_client. Returns {"stage", "canary_label"}; raises PublishError on failure.
+    """
     pub = publisher_for(target, token)
-    return pub.wait_running(timeout_s) if isinstance(pub, HfPublisher) else "RUNNING"
+    stage = pub.wait_running(timeout_s) if isinstance(pub, HfPublisher) else "RUNNING"
+    label = None
+    if canary is not None:
+        src = app_url or (pub.repo_id if isinstance(pub, HfPublisher) else None)
+        if src is None:
+            raise PublishError(f"no app to send the canary to for {target}: pass app_url")
+        from gradio_client import Client, handle_file
+
+        try:
+            client = Client(src, token=getattr(pub, "_token", None), verbose=False)
+            label = client.predict(handle_file(str(canary)), api_name="/predict")["label"]
+        except Exception as exc:
+            raise PublishError(
+                f"canary request to {src} failed: {type(exc).__name__}: {exc}"
+            ) from None
+    return {"stage": stage, "canary_label": label}
 
 
 # --------------------------------------------------------------------------- rollback / manual

@@ -212,3 +212,13 @@ def test_runner_redeploys_a_new_commit_within_60s(space_model, example_photos, t
         runner.stop()
         thread.join(60)
     assert runner.proc is None
+
+
+@pytest.mark.slow
+def test_wait_space_sends_a_canary_to_the_served_app(served, example_photos, tmp_path):
+    out = space.wait_space(str(tmp_path / "repo"), canary=example_photos[0], app_url=served["url"])
+    assert out["stage"] == "RUNNING" and out["canary_label"] in bundle_meta("x")["classes"]
+    with pytest.raises(space.PublishError, match="canary request to http://127.0.0.1:9/ failed"):
+        space.wait_space(
+            str(tmp_path / "repo"), canary=example_photos[0], app_url="http://127.0.0.1:9/"
+        )

@@ -103,6 +103,10 @@ def test_validate_bundle_in_clean_process(bundle, classifier, example_photos, fl
     assert [p["label"] for p in check.predictions] == [label for _, label in canaries]
     assert 0 < check.latency_s < 5.0
     assert not list(bundle.rglob("__pycache__"))  # validation leaves the bundle as it was
+    # Only the bundle, the standard library and site-packages: no repo, no cwd, no PYTHONPATH.
+    assert check.sys_path[0] == str(bundle.resolve())
+    prefixes = (sys.prefix, sys.base_prefix)
+    assert all(p.startswith(prefixes) for p in check.sys_path[1:]), check.sys_path
 
     # The verdict on the same predictions with other expectations (no second clean process).
     wrong = [(path, "not-a-class") for path, _ in canaries]
@@ -233,8 +237,11 @@ def test_hf_publisher_commits_through_the_hub_api(bundle, monkeypatch, caplog):
         )
         assert header["value"]["parentCommit"] == c1
         assert space.space_head(target) == c2
-        assert space.wait_space(target, timeout_s=5) == "RUNNING"
+        assert space.wait_space(target, timeout_s=5)["stage"] == "RUNNING"
         assert "GET /api/spaces/alice/flowers/runtime" in hub.paths()
+        hub.runtime_stage = "RUNTIME_ERROR"
+        with pytest.raises(space.PublishError, match="failed to start: stage RUNTIME_ERROR"):
+            space.wait_space(target, timeout_s=5)
     assert token not in caplog.text
 
 
