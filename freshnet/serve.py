@@ -186,9 +186,13 @@ def serve(
     host: str = "127.0.0.1",
     poll_s: float = 2.0,
     work_dir: Path | None = None,
-    feedback_dir: str | None = None,
+    feedback_dir: str | None = ".freshnet/feedback",
 ) -> None:
-    """`freshnet serve`: run the Space from its repo and redeploy on every new commit (blocks)."""
+    """`freshnet serve`: run the Space from its repo and redeploy on every new commit (blocks).
+
+    Corrections from the app's "wrong label?" box land in ``feedback_dir`` (pass
+    cfg.space.feedback_dir), outside the checkouts, so they survive redeploys.
+    """
     runner = SpaceRunner(
         target, port=port, host=host, poll_s=poll_s, work_dir=work_dir, feedback_dir=feedback_dir
     )

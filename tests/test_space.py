@@ -274,3 +274,12 @@ def test_hf_target_errors():
         space.publisher_for("hf://spaces/just-a-name")
     with pytest.raises(space.PublishError, match="hf://spaces/<owner>/<name>"):
         space.publisher_for("hf://models/a/b")
+
+
+def test_runner_refuses_hf_targets_and_waits_for_a_first_commit(tmp_path):
+    from freshnet.serve import ServeError, SpaceRunner
+
+    with pytest.raises(ServeError, match="served by Hugging Face itself"):
+        SpaceRunner("hf://spaces/alice/flowers")
+    runner = SpaceRunner(str(tmp_path / "empty"), port=1, work_dir=tmp_path / "work")
+    assert runner.poll_once() is False and runner.commit is None and runner.proc is None
