@@ -98,7 +98,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from freshnet import serve
 
     cfg = _config(args)
-    serve.serve(cfg.space.target, port=args.port, poll_s=args.poll)
+    serve.serve(
+        cfg.space.target, port=args.port, poll_s=args.poll, feedback_dir=cfg.space.feedback_dir
+    )
     return 0
 
 

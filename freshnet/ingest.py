@@ -201,8 +201,8 @@ async def _ingest_async(
     async def handle(dl: Downloader, i: int, url: str) -> None:
         c = candidates[i]
         if url.startswith("file://"):
-            if c.source != "folder":
-                done(i, "bad_url", "file:// URLs are read only for the folder source")
+            if c.source not in ("folder", "feedback"):
+                done(i, "bad_url", "file:// URLs are read only for the folder and feedback sources")
                 return
             path = Path(unquote(urlsplit(url).path))
             status, detail, data = await asyncio.to_thread(_read_local, path, max_bytes)

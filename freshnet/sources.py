@@ -65,17 +65,26 @@ def search(
 ) -> SearchReport:
     """Candidates for every class of ``cfg`` on ``night``, from cfg.source.kind."""
     kind = cfg.source.kind
+    if kind == "feedback":
+        return search_feedback(cfg)
     if kind == "demo":
-        return search_demo(cfg, night)
-    if kind == "urls":
-        return search_urls(cfg)
-    if kind == "folder":
-        return search_folder(cfg)
-    if kind == "duckduckgo":
-        return DuckDuckGoSource(cfg, ddgs_factory=ddgs_factory).search()
-    raise SourceError(
-        f"source.kind {kind!r} is not a search source (allowed: demo, urls, folder, duckduckgo)"
-    )
+        report = search_demo(cfg, night)
+    elif kind == "urls":
+        report = search_urls(cfg)
+    elif kind == "folder":
+        report = search_folder(cfg)
+    elif kind == "duckduckgo":
+        report = DuckDuckGoSource(cfg, ddgs_factory=ddgs_factory).search()
+    else:
+        raise SourceError(
+            f"source.kind {kind!r} is not a search source "
+            "(allowed: demo, urls, folder, duckduckgo, feedback)"
+        )
+    # Corrections people sent from the app join every night, whatever the main source.
+    extra = search_feedback(cfg, required=False)
+    report.candidates.extend(extra.candidates)
+    report.failures.extend(f for f in extra.failures if f["query"] == "feedback")
+    return report
 
 
 def _finish(cfg: Config, candidates: list[Candidate], failures: list[dict]) -> SearchReport:
@@ -208,6 +217,52 @@ def search_folder(cfg: Config) -> SearchReport:
             failures.append({"label": label, "query": str(folder), "reason": "folder empty"})
         candidates.extend(Candidate(label, p.as_uri(), f"folder:{label}", "folder") for p in files)
     return _finish(cfg, candidates, failures)
+
+
+# ---------------------------------------------------------------- feedback
+
+
+def search_feedback(cfg: Config, required: bool = True) -> SearchReport:
+    """Corrections from the app's "wrong label?" box: <dir>/<label>/<id>.jpg + <id>.json.
+
+    The folder is ``source.path`` when the feedback source is the main source, else
+    ``space.feedback_dir``; only pairs whose record is complete (the .json is written last)
+    and whose label is a configured class are taken.
+    """
+    where = cfg.source.path if cfg.source.kind == "feedback" and cfg.source.path else None
+    root = Path(where or cfg.space.feedback_dir).expanduser().resolve()
+    if not root.is_dir():
+        if required:
+            raise SourceError(f"{root}: feedback folder does not exist")
+        return SearchReport([], [], [])
+    candidates: list[Candidate] = []
+    failures: list[dict] = []
+    for record in sorted(root.glob("*/*.json")):
+        image = record.with_suffix(".jpg")
+        try:
+            label = json.loads(record.read_text())["label"]
+        except (OSError, ValueError, KeyError) as exc:
+            failures.append(
+                {
+                    "label": record.parent.name,
+                    "query": "feedback",
+                    "reason": f"{record}: unreadable feedback record ({exc})",
+                }
+            )
+            continue
+        if label not in cfg.classes:
+            failures.append(
+                {
+                    "label": label,
+                    "query": "feedback",
+                    "reason": f"{record}: label is not a configured class",
+                }
+            )
+        elif image.is_file():
+            candidates.append(Candidate(label, image.as_uri(), "feedback", "feedback"))
+    if required:
+        return _finish(cfg, candidates, failures)
+    return SearchReport(candidates, failures, [])
 
 
 # ---------------------------------------------------------------- duckduckgo
