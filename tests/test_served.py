@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.served_stack import HF_TOKEN, TEST_CONFIG_ENV, ServedStack
+from tests.served_stack import BUCKET, HF_TOKEN, TEST_CONFIG_ENV, ServedStack
 
 pytestmark = pytest.mark.slow
 
@@ -186,12 +186,17 @@ def test_s3_down_during_publish(stack: ServedStack) -> None:
     """
     assert stack.api is not None and stack.proxy is not None
     entries, champion = stack.ledger()
+    commits = stack.space_commits()
     assert len(entries) >= 2, "needs two published versions"
-    stack.proxy.fail_on(b"/ledger/")
+    # Reads of the ledger pass; the first write of a ledger object kills S3 (path-style request line).
+    stack.proxy.fail_on(f"PUT /{BUCKET}/demo/ledger/".encode())
     torn = stack.api.wait(stack.api.create_run("rollback/rollback", {})["id"], timeout=600)
     assert stack.proxy.tripped, f"publish never reached the ledger write\n{stack.diagnostics()}"
     expect(torn, "FAILED", stack)
     assert stack.ledger() == (entries, champion), "ledger and champion must be unchanged"
+    assert len(stack.space_commits()) == len(commits) + 1, (
+        "the Space commit was made before S3 died"
+    )
 
     stack.proxy.start()  # S3 is back
     nxt = stack.api.wait(stack.api.create_run("rollback/rollback", {})["id"], timeout=600)
