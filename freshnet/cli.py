@@ -99,7 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     serve.serve(
-        cfg.space.target, port=args.port, poll_s=args.poll, feedback_dir=cfg.space.feedback_dir
+        cfg.space.target,
+        port=args.port or cfg.space.serve_port,
+        poll_s=args.poll or cfg.space.serve_poll_s,
+        feedback_dir=cfg.space.feedback_dir,
     )
     return 0
 
@@ -178,10 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("version")
     sp.add_argument("--reason", required=True)
     sp = add("serve", cmd_serve, "serve the Space repo's HEAD locally; redeploy on new commits")
-    sp.add_argument("--port", type=int, default=7860)
-    sp.add_argument(
-        "--poll", type=float, default=2.0, help="seconds between checks for a new commit"
-    )
+    sp.add_argument("--port", type=int, help="default: space.serve_port (7860)")
+    sp.add_argument("--poll", type=float, help="seconds between checks for a new commit")
     add("demo", cmd_demo, "run the offline demo image web in the foreground")
 
     cp = sub.add_parser("config", help="config tools").add_subparsers(dest="what", required=True)
@@ -219,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"freshnet: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as exc:
+        # freshnet's own errors already say what was wrong and where: no traceback for those.
+        if not type(exc).__module__.startswith("freshnet."):
+            raise
+        print(f"freshnet: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -259,8 +259,12 @@ def publish_step(
     evaluation: dict,
     decision: dict,
     snapshot_id: str,
+    token: str | None = None,
 ) -> dict:
-    """One commit to the Space, then (only then) the ledger entry and champion pointer."""
+    """One commit to the Space, then (only then) the ledger entry and champion pointer.
+
+    ``token`` is the HF token read at run time by the caller (else HF_TOKEN); it is never stored.
+    """
     from freshnet import space
     from freshnet.ledger import Ledger
 
@@ -275,6 +279,7 @@ def publish_step(
         f"freshnet: promote {version} (holdout accuracy "
         f"{evaluation['accuracy']:.3f}, dataset {snapshot_id})",
         expected,
+        token=token,
     )
     entry = ledger.record(
         version=version,
@@ -288,6 +293,16 @@ def publish_step(
         target=cfg.space.target,
     )
     log.info("published %s as %s in %.1fs", version, commit, time.perf_counter() - t0)
+    if cfg.space.wait_running and cfg.space.target.startswith("hf://"):
+        # The commit is live and recorded; a Space that fails to start is a loud failure
+        # (rollback is one command), not a silent success.
+        examples = sorted((Path(bundle_path) / "examples").glob("*.jpg"))
+        space.wait_space(
+            cfg.space.target,
+            cfg.space.wait_timeout_s,
+            token=token,
+            canary=examples[0] if examples else None,
+        )
     return vars(entry)
 
 

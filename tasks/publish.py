@@ -9,6 +9,15 @@ from freshnet.config import Config
 from tasks.report import publish_commit
 
 
+def hf_token(cfg: Config) -> str | None:
+    """The HF token at run time: a Prefect Secret block when configured, else HF_TOKEN (or none)."""
+    if not cfg.space.hf_token_secret:
+        return None  # huggingface_hub reads HF_TOKEN itself
+    from prefect.blocks.system import Secret
+
+    return Secret.load(cfg.space.hf_token_secret).get()
+
+
 @task
 def build_bundle(
     cfg: Config, version: str, train_result: dict, evaluation: dict, snapshot_id: str
@@ -27,7 +36,14 @@ def publish_space(
     snapshot_id: str,
 ) -> dict:
     entry = cycle.publish_step(
-        cfg, version, bundle_path, train_result, evaluation, decision, snapshot_id
+        cfg,
+        version,
+        bundle_path,
+        train_result,
+        evaluation,
+        decision,
+        snapshot_id,
+        token=hf_token(cfg),
     )
     publish_commit(cfg, entry)
     return entry
