@@ -97,7 +97,7 @@ class TrainConfig(_Section):
     epochs: int = Field(3, ge=1, le=1000)
     freeze_epochs: int = Field(1, ge=0, le=100)
     lr: float | Literal["find"] = 5e-3
-    image_size: int = Field(160, ge=32, le=1024)
+    image_size: int = Field(192, ge=32, le=1024)  # 192: natural photos gain over 160; CPU cost ~1.4x
     batch_size: int = Field(32, ge=1, le=4096)
     resize_method: Literal["squish", "crop", "pad"] = "squish"
     augment: bool = True
