@@ -97,7 +97,7 @@ class TrainConfig(_Section):
     epochs: int = Field(3, ge=1, le=1000)
     freeze_epochs: int = Field(1, ge=0, le=100)
     lr: float | Literal["find"] = 5e-3
-    image_size: int = Field(192, ge=32, le=1024)  # 192: natural photos gain over 160; CPU cost ~1.4x
+    image_size: int = Field(192, ge=32, le=1024)  # photos gain over 160 px; CPU ~1.4x
     batch_size: int = Field(32, ge=1, le=4096)
     resize_method: Literal["squish", "crop", "pad"] = "squish"
     augment: bool = True
@@ -107,7 +107,7 @@ class TrainConfig(_Section):
     noise_confidence: float = Field(0.9, gt=0.5, le=1.0)  # label-noise quarantine threshold
     noise_top_loss_fraction: float = Field(0.0, ge=0, le=0.5)  # also list this top-loss tail
     min_scale: float = Field(0.75, gt=0, le=1.0)  # RandomResizedCrop lower bound when augmenting
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on CUDA, fp32 on CPU
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 or fp16 on CUDA
     num_workers: int | None = Field(None, ge=0, le=64)  # None: 0 on CPU, min(8, cores) on CUDA
     freeze_bn: bool = True  # body BatchNorm keeps pretrained statistics (small data, small batches)
 
