@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -355,13 +356,14 @@ class GitPublisher:
         if self.local:
             self._ensure_local_repo()
         head = self.head()
-        _check_parent(self.target, head, expected_parent)
         with tempfile.TemporaryDirectory(prefix="freshnet-space-") as tmp:
             work = Path(tmp) / "work"
             if head:
                 _git("clone", "-q", "--branch", self.branch, self.remote, str(work))
+                _resolve_parent(self.target, head, expected_parent, lambda c: _git_commit(work, c))
                 _git("rm", "-r", "-q", "--ignore-unmatch", ".", cwd=work)
             else:
+                _resolve_parent(self.target, head, expected_parent, lambda c: (None, ""))
                 work.mkdir()
                 _git("init", "-q", "-b", self.branch, cwd=work)
                 _git("remote", "add", "origin", self.remote, cwd=work)
@@ -389,12 +391,43 @@ class GitPublisher:
         return commit
 
 
-def _check_parent(target: str, head: str | None, expected: str | None) -> None:
-    if expected is not None and head != expected:
-        raise SpaceMoved(
-            f"Space {target} is at {head or 'no commit'}, but the ledger expected {expected}: "
-            "someone else changed the Space; inspect it, then roll back or promote explicitly"
-        )
+def _git_commit(repo: Path, commit: str) -> tuple[str | None, str]:
+    """(first parent, subject) of a commit in a local clone."""
+    out = _git("log", "-1", "--format=%P%x00%s", commit, cwd=repo).stdout.strip()
+    parents, _, subject = out.partition("\x00")
+    return (parents.split()[0] if parents.split() else None), subject
+
+
+def _resolve_parent(
+    target: str,
+    head: str | None,
+    expected: str | None,
+    describe: Callable[[str], tuple[str | None, str]],
+) -> str | None:
+    """The head to publish on top of, or SpaceMoved.
+
+    A head exactly one freshnet commit ahead of what the ledger expected is our own publish whose
+    ledger write was lost (storage down at the wrong moment): building on it heals the torn state,
+    and the new ledger entry makes ledger and Space agree again. Anything else is someone else's
+    change and is refused.
+    """
+    if expected is None or head == expected:
+        return head
+    if head is not None:
+        parent, subject = describe(head)
+        if parent == expected and subject.startswith("freshnet:"):
+            log.warning(
+                "Space %s is one unrecorded freshnet commit ahead of the ledger (%s: %r): a publish "
+                "whose ledger write failed; publishing on top of it",
+                target,
+                head[:12],
+                subject,
+            )
+            return head
+    raise SpaceMoved(
+        f"Space {target} is at {head or 'no commit'}, but the ledger expected {expected}: "
+        "someone else changed the Space; inspect it, then roll back or promote explicitly"
+    )
 
 
 class HfPublisher:
@@ -423,6 +456,15 @@ class HfPublisher:
         except RepositoryNotFoundError:
             return None
 
+    def _describe(self, commit: str) -> tuple[str | None, str]:
+        """(parent, title) of ``commit``; the Space history is linear (one commit per publish)."""
+        commits = self._api().list_repo_commits(self.repo_id, repo_type="space")
+        ids = [c.commit_id for c in commits]
+        if commit not in ids:
+            return None, ""
+        i = ids.index(commit)
+        return (ids[i + 1] if i + 1 < len(ids) else None), commits[i].title
+
     def publish(self, bundle: Path, message: str, expected_parent: str | None) -> str:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
         from huggingface_hub.errors import HfHubHTTPError
@@ -433,7 +475,9 @@ class HfPublisher:
             info = api.space_info(self.repo_id)
         except HfHubHTTPError as exc:
             raise PublishError(f"Space {self.repo_id}: {_http_reason(exc)}") from None
-        _check_parent(f"hf://spaces/{self.repo_id}", info.sha, expected_parent)
+        base = _resolve_parent(
+            f"hf://spaces/{self.repo_id}", info.sha, expected_parent, self._describe
+        )
         files = bundle_files(bundle)
         existing = {s.rfilename for s in (info.siblings or [])}
         ops: list[Any] = [CommitOperationAdd(rel, str(Path(bundle) / rel)) for rel in files]
@@ -447,14 +491,14 @@ class HfPublisher:
                 commit_message=message,
                 repo_type="space",
                 # The head we just checked: the Hub refuses the commit if anything landed since.
-                parent_commit=expected_parent or info.sha,
+                parent_commit=base or info.sha,
             )
         except HfHubHTTPError as exc:
             status = getattr(exc.response, "status_code", None)
             if status in (409, 412):
                 raise SpaceMoved(
                     f"Space {self.repo_id} refused the commit (HTTP {status}): its head is no longer "
-                    f"{expected_parent or info.sha}; someone else pushed. Nothing was recorded."
+                    f"{base or info.sha}; someone else pushed. Nothing was recorded."
                 ) from None
             raise PublishError(
                 f"Space {self.repo_id}: commit failed: {_http_reason(exc)}"

@@ -113,6 +113,23 @@ class HubStandIn:
                     return self._send(
                         200, {"stage": hub.runtime_stage, "hardware": {"current": "cpu-basic"}}
                     )
+                if m := re.fullmatch(r"/api/spaces/([^/]+/[^/]+)/commits/[^/]+", path):
+                    repo = hub.repos.get(m.group(1))
+                    if repo is None:
+                        return self._not_found()
+                    return self._send(
+                        200,
+                        [
+                            {
+                                "id": c["sha"],
+                                "authors": [{"user": "alice"}],
+                                "date": "2026-11-27T00:00:00.000Z",
+                                "title": c["summary"],
+                                "message": c["summary"],
+                            }
+                            for c in reversed(repo.commits)
+                        ],
+                    )
                 if m := re.fullmatch(r"/api/spaces/([^/]+/[^/]+)", path):
                     repo = hub.repos.get(m.group(1))
                     if repo is None:

@@ -186,6 +186,23 @@ def test_git_publish_local_path_one_commit_each(bundle, tmp_path):
     assert space.space_head(str(target)) == c2  # refused: nothing changed
 
 
+def test_git_publish_heals_a_torn_publish_but_not_a_foreign_commit(bundle, tmp_path):
+    """A freshnet commit the ledger never recorded (its write failed) is built upon, once."""
+    target = str(tmp_path / "space")
+    c1 = space.publish(bundle, target, "freshnet: promote v1", None)
+    orphan = space.publish(bundle, target, "freshnet: promote v2", c1)  # ledger write lost
+    c3 = space.publish(bundle, target, "freshnet: promote v3", c1)  # ledger still says c1
+    assert _git("rev-parse", f"{c3}^", cwd=Path(target)).strip() == orphan
+    # Two commits ahead, or a commit that is not freshnet's: refused, nothing changes.
+    with pytest.raises(space.SpaceMoved, match="someone else changed the Space"):
+        space.publish(bundle, target, "freshnet: promote v4", c1)
+    foreign = tmp_path / "foreign"
+    f1 = space.publish(bundle, str(foreign), "freshnet: promote v1", None)
+    space.publish(bundle, str(foreign), "hand-made fix", f1)
+    with pytest.raises(space.SpaceMoved):
+        space.publish(bundle, str(foreign), "freshnet: promote v2", f1)
+
+
 def test_git_publish_to_remote_url(bundle, tmp_path):
     remote = tmp_path / "remote.git"
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
@@ -257,16 +274,33 @@ def test_hf_publisher_refuses_when_space_moved(bundle, monkeypatch):
 
         # The race the pre-check cannot see: the head moves between info and commit -> HTTP 412.
         pub = space.HfPublisher("alice/flowers")
-        real_check = space._check_parent
+        real_resolve = space._resolve_parent
 
         def move_then_check(*args):
-            real_check(*args)
+            base = real_resolve(*args)
             hub.push_elsewhere("alice/flowers")
+            return base
 
-        monkeypatch.setattr(space, "_check_parent", move_then_check)
+        monkeypatch.setattr(space, "_resolve_parent", move_then_check)
         with pytest.raises(space.SpaceMoved, match="HTTP 412"):
             pub.publish(bundle, "promote v2", other)
         assert len([r for r in hub.requests if "/commit/" in r.path]) == 2
+
+
+def test_hf_publisher_heals_a_torn_publish(bundle, monkeypatch):
+    with HubStandIn() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        target = "hf://spaces/alice/flowers"
+        c1 = space.publish(bundle, target, "freshnet: promote v1", None)
+        orphan = space.publish(bundle, target, "freshnet: promote v2", c1)
+        c3 = space.publish(bundle, target, "freshnet: promote v3", c1)
+        assert hub.repos["alice/flowers"].sha == c3 != orphan
+        assert [c["summary"] for c in hub.repos["alice/flowers"].commits][
+            -1
+        ] == "freshnet: promote v3"
+        hub.push_elsewhere("alice/flowers")
+        with pytest.raises(space.SpaceMoved, match="someone else changed the Space"):
+            space.publish(bundle, target, "freshnet: promote v4", c3)
 
 
 def test_hf_target_errors():
