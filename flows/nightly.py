@@ -24,18 +24,18 @@ def nightly(config: str = "configs/demo.toml", night: str | None = None) -> dict
     searched = search_images(cfg, night)
     ingested = download_images(cfg, night, searched["key"])
     curated = curate_images(cfg, night, ingested["key"])
-    snap = snapshot_dataset(cfg)
+    champion = read_champion(cfg)
+    snap = snapshot_dataset(cfg, since=champion["dataset"] if champion else None)
     report = summary.start(cfg, night, searched, ingested, curated, snap)
 
     if snap["problems"]:
         log.error("quality gate stopped the cycle: %s", "; ".join(snap["problems"]))
         return summary.stop(report, "stopped by the quality gate: " + "; ".join(snap["problems"]))
 
-    champion = read_champion(cfg)
-    if champion and curated["new_total"] < cfg.dataset.min_new_images:
+    if champion and snap["new_since"] < cfg.dataset.min_new_images:
         return summary.stop(
             report,
-            f"nothing new ({curated['new_total']} new images < "
+            f"nothing new ({snap['new_since']} images not in the champion's dataset < "
             f"min_new_images {cfg.dataset.min_new_images}): training skipped",
         )
 

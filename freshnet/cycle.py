@@ -100,18 +100,30 @@ def curate_step(cfg: Config, night: str, ingest_key: str) -> dict:
     return report.to_dict()
 
 
-def snapshot_step(cfg: Config) -> dict:
+def snapshot_step(cfg: Config, since: str | None = None) -> dict:
+    """Snapshot and gate; ``new_since`` counts images not in snapshot ``since`` (the champion's).
+
+    "Nothing new" is measured against the champion's dataset, not tonight's curation: a night
+    that failed after curating must still train on its images when it is rerun.
+    """
     from freshnet import dataset
 
     store = open_store(cfg)
     snap = dataset.make_snapshot(store, cfg)
     problems = dataset.check_quality(snap, cfg.dataset, cfg.classes)
+    new_since = None
+    if since:
+        try:
+            new_since = int(dataset.diff_snapshots(store, since, snap.id)["added"].sum())
+        except NotFound:  # the champion's snapshot is gone: everything counts as new
+            new_since = snap.rows
     return {
         "id": snap.id,
         "key": snap.key,
         "counts": snap.counts,
         "rows": snap.rows,
         "problems": problems,
+        "new_since": new_since,
     }
 
 

@@ -15,7 +15,7 @@ def curate_images(cfg: Config, night: str, ingest_key: str) -> dict:
 
 
 @task
-def snapshot_dataset(cfg: Config) -> dict:
-    snap = cycle.snapshot_step(cfg)
+def snapshot_dataset(cfg: Config, since: str | None = None) -> dict:
+    snap = cycle.snapshot_step(cfg, since)
     publish_dataset(snap)
     return snap

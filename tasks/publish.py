@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.events import emit_event
 
 from freshnet import cycle
 from freshnet.config import Config
@@ -46,7 +47,25 @@ def publish_space(
         token=hf_token(cfg),
     )
     publish_commit(cfg, entry)
+    announce_promotion(cfg, entry)
     return entry
+
+
+def announce_promotion(cfg: Config, entry: dict) -> None:
+    """The event the "model promoted" automation (infra/bootstrap.py) listens to."""
+    emit_event(
+        event="freshnet.model.promoted",
+        resource={
+            "prefect.resource.id": f"freshnet.space.{cfg.space.target}",
+            "prefect.resource.name": cfg.space.target,
+        },
+        payload={
+            "version": entry["version"],
+            "commit": entry["commit"],
+            "kind": entry["kind"],
+            "accuracy": entry.get("metrics", {}).get("holdout_accuracy"),
+        },
+    )
 
 
 @task
@@ -55,4 +74,5 @@ def rollback_space(cfg: Config, version: str | None) -> dict:
 
     entry = vars(space.rollback(cfg, version))
     publish_commit(cfg, entry)
+    announce_promotion(cfg, entry)
     return entry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import task
+from prefect.concurrency.sync import concurrency
 
 from freshnet import cycle
 from freshnet.config import Config
@@ -10,4 +11,7 @@ from freshnet.config import Config
 
 @task
 def train_model(cfg: Config, snapshot_id: str, version: str, init_model_key: str | None) -> dict:
-    return cycle.train_step(cfg, snapshot_id, version, init_model_key)
+    # One training per GPU at a time (global limit `gpu`, created by infra/bootstrap.py). strict=False:
+    # embedded mode has no such limit. A short lease frees the slot soon after a killed trainer.
+    with concurrency("gpu", occupy=1, lease_duration=60, strict=False):
+        return cycle.train_step(cfg, snapshot_id, version, init_model_key)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures_servers import *  # noqa: F401,F403  (moto, Prefect server/worker fixtures)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FRESHNET_SHARED_DATA", REPO.parent / "shared" / "data"))
 
