@@ -23,8 +23,12 @@ def test_shipped_configs_load():
 
 
 def test_env_overrides_nested_keys_with_types():
-    env = {"FRESHNET_TRAIN__EPOCHS": "7", "FRESHNET_STORAGE": "s3://bucket/prefix",
-           "FRESHNET_DOWNLOAD__ALLOW_PRIVATE": '["10.0.0.0/8"]', "FRESHNET_HOME": "/ignored"}
+    env = {
+        "FRESHNET_TRAIN__EPOCHS": "7",
+        "FRESHNET_STORAGE": "s3://bucket/prefix",
+        "FRESHNET_DOWNLOAD__ALLOW_PRIVATE": '["10.0.0.0/8"]',
+        "FRESHNET_HOME": "/ignored",
+    }
     cfg = load_config(REPO / "configs/demo.toml", env=env)
     assert cfg.train.epochs == 7
     assert cfg.storage == "s3://bucket/prefix"
@@ -74,11 +78,19 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_cli_config_check_exits_nonzero_naming_key(tmp_path):
     p = _write(tmp_path, 'classes = ["a", "b"]\n[source]\nkind = "bing"\n')
-    r = subprocess.run([sys.executable, "-m", "freshnet.cli", "config", "check", str(p)],
-                       capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "freshnet.cli", "config", "check", str(p)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 2
     assert "source.kind" in r.stderr and "bing" in r.stderr and "duckduckgo" in r.stderr
-    ok = subprocess.run([sys.executable, "-m", "freshnet.cli", "config", "check",
-                         "configs/demo.toml"], capture_output=True, text=True, cwd=REPO)
+    ok = subprocess.run(
+        [sys.executable, "-m", "freshnet.cli", "config", "check", "configs/demo.toml"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "ok" in ok.stdout

@@ -17,20 +17,32 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None,
-            timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PREFECT_HOME": str(cwd / ".prefect"), "PYTHONUNBUFFERED": "1",
-           **(env_extra or {})}
-    r = subprocess.run([sys.executable, "-m", "freshnet.cli", *args], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=timeout)
+def run_cli(
+    args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(cwd / ".prefect"),
+        "PYTHONUNBUFFERED": "1",
+        **(env_extra or {}),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "freshnet.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if r.returncode != 0:
         print(r.stdout[-5000:], r.stderr[-8000:])
     return r
 
 
 def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 @pytest.mark.slow
@@ -53,9 +65,20 @@ def test_demo_two_nights(tmp_path):
     rejected = {r: n for c in s2["per_class"].values() for r, n in c["rejected"].items()}
     assert dup > 0, s2["per_class"]
     assert sum(rejected.values()) > 0 and set(rejected) <= {
-        "timeout", "too_large", "not_image", "decode_error", "too_small", "bomb",
-        "blocked_address", "http_4xx", "http_5xx", "too_many_redirects", "connect_error",
-        "unsupported_type", "network_error"}, rejected
+        "timeout",
+        "too_large",
+        "not_image",
+        "decode_error",
+        "too_small",
+        "bomb",
+        "blocked_address",
+        "http_4xx",
+        "http_5xx",
+        "too_many_redirects",
+        "connect_error",
+        "unsupported_type",
+        "network_error",
+    }, rejected
     assert s2["champion"] is not None and s2["challenger"] is not None
     assert s2["reasons"], "the decision must spell out its rules"
     if s2["outcome"] == "promoted":
@@ -109,9 +132,6 @@ kind = "urls"
 path = "{urls}"
 [download]
 allow_private = ["127.0.0.1/32"]
-[train]
-image_size = 192
-epochs = 4
 [space]
 target = ".freshnet/space"
 title = "flowers"
@@ -128,6 +148,7 @@ title = "flowers"
     # Night 2 sees every URL again: night 1's images come back as duplicates.
     assert sum(c["found"] for c in s2["per_class"].values()) == n_all
     assert sum(c["duplicate"] for c in s2["per_class"].values()) >= int(0.55 * n_all)
-    champion_acc = (s2["challenger"]["accuracy"] if s2["outcome"] == "promoted"
-                    else s2["champion"]["accuracy"])
+    champion_acc = (
+        s2["challenger"]["accuracy"] if s2["outcome"] == "promoted" else s2["champion"]["accuracy"]
+    )
     assert champion_acc >= 0.85, s2

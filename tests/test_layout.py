@@ -28,10 +28,12 @@ def test_core_never_imports_prefect():
 
 def test_importing_every_core_module_loads_no_prefect():
     mods = [p.stem for p in (REPO / "freshnet").glob("*.py") if p.stem != "__init__"]
-    code = ("import sys, importlib\n"
-            f"for m in {mods!r}: importlib.import_module('freshnet.' + m)\n"
-            "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', 'flows', 'tasks')]\n"
-            "assert not bad, bad[:5]\n")
+    code = (
+        "import sys, importlib\n"
+        f"for m in {mods!r}: importlib.import_module('freshnet.' + m)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', 'flows', 'tasks')]\n"
+        "assert not bad, bad[:5]\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
 
