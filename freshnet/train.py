@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from freshnet.storage import sha256_file
+
 if TYPE_CHECKING:  # heavy imports stay inside functions: nothing happens at import time
     import pandas as pd
     import torch
@@ -515,14 +517,6 @@ def find_label_noise(
     return sorted(found.values(), key=lambda d: -d["p"])
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def train_snapshot(
     store: Storage,
     snapshot_id: str,
@@ -556,7 +550,7 @@ def train_snapshot(
         log.warning("%d training image(s) look mislabeled (listed for quarantine)", len(noisy))
 
     model_key = f"models/{version}/model.pkl"
-    model_sha = file_sha256(out_path)
+    model_sha = sha256_file(out_path)
     metrics = {
         "valid_accuracy": result.valid_accuracy,
         "train_size": result.train_size,
