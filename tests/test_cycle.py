@@ -49,7 +49,15 @@ def git(cwd: Path, *args: str) -> str:
 def test_demo_two_nights(tmp_path):
     """What `make run` does: night 1 bootstraps the champion, night 2 decides; both print a summary."""
     cfg = REPO / "configs" / "demo.toml"
-    r1 = run_cli(["run", "--config", str(cfg), "--night", "1", "--json", "n1.json"], tmp_path)
+    # The pipeline is under test here, not the recipe (test_train checks accuracy): train small.
+    small = {
+        "FRESHNET_TRAIN__IMAGE_SIZE": "96",
+        "FRESHNET_TRAIN__EPOCHS": "1",
+        "FRESHNET_SOURCE__DEMO_PER_QUERY": "30",
+    }
+    r1 = run_cli(
+        ["run", "--config", str(cfg), "--night", "1", "--json", "n1.json"], tmp_path, small
+    )
     assert r1.returncode == 0
     s1 = json.loads((tmp_path / "n1.json").read_text())
     assert "found" in r1.stdout and "decision" in r1.stdout
@@ -58,7 +66,9 @@ def test_demo_two_nights(tmp_path):
     assert "model.pkl" in git(space, "ls-tree", "--name-only", "HEAD").split()
     first_commit = git(space, "rev-parse", "HEAD")
 
-    r2 = run_cli(["run", "--config", str(cfg), "--night", "2", "--json", "n2.json"], tmp_path)
+    r2 = run_cli(
+        ["run", "--config", str(cfg), "--night", "2", "--json", "n2.json"], tmp_path, small
+    )
     assert r2.returncode == 0
     s2 = json.loads((tmp_path / "n2.json").read_text())
     dup = sum(c["duplicate"] + c["near_duplicate"] for c in s2["per_class"].values())
@@ -86,7 +96,7 @@ def test_demo_two_nights(tmp_path):
     else:
         assert git(space, "rev-parse", "HEAD") == first_commit
 
-    status = run_cli(["status", "--config", str(cfg)], tmp_path)
+    status = run_cli(["status", "--config", str(cfg)], tmp_path, small)
     assert status.returncode == 0 and s1["challenger"]["version"] in status.stdout
 
 
