@@ -100,11 +100,25 @@ class Inbox:
         self.server.server_close()
 
 
+class _RetryingClient(httpx.Client):
+    """Retries 429/503 with backoff, as Prefect's own client does: a busy SQLite-backed server
+    answers 503 while its database is locked (seen here under load), which is not a failure."""
+
+    def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        for attempt in range(6):
+            response = super().send(request, **kwargs)
+            if response.status_code not in (429, 503) or attempt == 5:
+                return response
+            response.close()
+            time.sleep(min(2**attempt, 10))
+        return response
+
+
 class Api:
     """The few Prefect REST calls the tests need (plain HTTP: no client settings to juggle)."""
 
     def __init__(self, api_url: str):
-        self.http = httpx.Client(base_url=api_url, timeout=30)
+        self.http = _RetryingClient(base_url=api_url, timeout=30)
 
     def deployment_id(self, name: str) -> str:
         r = self.http.get(f"/deployments/name/{name}")
