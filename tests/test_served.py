@@ -217,7 +217,9 @@ def test_two_triggers_run_one_cycle(stack: ServedStack) -> None:
     assert sorted(state(r) for r in done) == ["CANCELLED", "COMPLETED"], [
         (r["name"], state(r), r["state"].get("message")) for r in done
     ]
-    assert len(train_runs(stack)) == trains_before  # night 2 again: nothing new, no training
+    # One cycle, so at most one training (it trains when the snapshot holds images the
+    # champion's dataset lacks, e.g. from an earlier night that did not promote).
+    assert len(train_runs(stack)) - trains_before <= 1
 
 
 def test_hf_token_never_leaks(stack: ServedStack) -> None:
