@@ -165,6 +165,9 @@ def test_gpu_worker_killed_mid_training(stack: ServedStack) -> None:
         if name.startswith(("search_images", "download_images"))
     }
     assert cached == {"search_images": "Cached", "download_images": "Cached"}, cached
+    # Night 3's images were curated by the killed run; the rerun must still train on them.
+    retrained = [r for r in train_runs(stack) if r["id"] not in known | {training["id"]}]
+    assert [state(r) for r in retrained] == ["COMPLETED"], [state(r) for r in retrained]
     entries2, _ = stack.ledger()
     if len(entries2) > len(entries):  # the rerun trained and promoted: ledger matches the Space
         newest = json.loads(stack.direct_storage().get(entries2[-1]))
