@@ -53,18 +53,8 @@ CATALOG_COLUMNS = [
 # Added beyond the contract: the second near-duplicate signal and the image size.
 EXTRA_COLUMNS = ["dhash", "width", "height"]
 ALL_COLUMNS = CATALOG_COLUMNS + EXTRA_COLUMNS
-SNAPSHOT_COLUMNS = [
-    "sha256",
-    "label",
-    "url",
-    "query",
-    "source",
-    "phash",
-    "group",
-    "split",
-    "first_seen",
-    "status",
-]
+# A snapshot row is a catalog row without the fields only curation needs.
+SNAPSHOT_COLUMNS = [c for c in CATALOG_COLUMNS if c not in ("orig_sha256", "note")]
 STATUSES = ("ok", "label_conflict", "split_conflict", "noisy_label", "dropped")
 QUARANTINE_STATUSES = ("label_conflict", "split_conflict", "noisy_label")
 POINTER = "catalog"

@@ -11,36 +11,31 @@ from freshnet.config import Config
 from tasks.report import publish_rejections, publish_search_failures
 
 
-def _night_key(stage: str):
+def _cached_io(stage: str) -> dict:
+    """Task options for a network stage: retries with jitter, result cached per (source, night)."""
+
     def key(_ctx, params: dict) -> str:
         cfg: Config = params["cfg"]
         return f"{stage}-{cfg.storage}-{cycle.config_fingerprint(cfg)}-{params['night']}"
 
-    return key
+    return {
+        "retries": 2,
+        "retry_delay_seconds": [10, 60],
+        "retry_jitter_factor": 0.5,
+        "cache_key_fn": key,
+        "cache_expiration": timedelta(days=2),
+        "persist_result": True,
+    }
 
 
-@task(
-    retries=2,
-    retry_delay_seconds=[10, 60],
-    retry_jitter_factor=0.5,
-    cache_key_fn=_night_key("search"),
-    cache_expiration=timedelta(days=2),
-    persist_result=True,
-)
+@task(**_cached_io("search"))
 def search_images(cfg: Config, night: str) -> dict:
     result = cycle.search_step(cfg, night)
     publish_search_failures(result)
     return result
 
 
-@task(
-    retries=2,
-    retry_delay_seconds=[10, 60],
-    retry_jitter_factor=0.5,
-    cache_key_fn=_night_key("ingest"),
-    cache_expiration=timedelta(days=2),
-    persist_result=True,
-)
+@task(**_cached_io("ingest"))
 def download_images(cfg: Config, night: str, search_key: str) -> dict:
     result = cycle.ingest_step(cfg, night, search_key)
     publish_rejections(result["counts"])
