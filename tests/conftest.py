@@ -12,6 +12,10 @@ from tests.fixtures_servers import *  # noqa: F401,F403  (moto, Prefect server/w
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FRESHNET_SHARED_DATA", REPO.parent / "shared" / "data"))
 
+# Every Space app the tests start (in-process or as `python app.py`) runs the eager model: the
+# background torch.compile costs ~50 s of CPU per process. test_app.py tests the compiled path.
+os.environ.setdefault("FRESHNET_COMPILE", "0")
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

@@ -35,7 +35,7 @@ def app_module():
 
 @pytest.fixture(scope="module")
 def classifier(app_module, space_model):
-    return app_module.Classifier(space_model)
+    return app_module.Classifier(space_model, compile=False)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,56 @@ def test_probabilities_match_learn_predict(classifier, example_photos, flower_ph
             classifier.probabilities(example_photos[1]),
             atol=1e-6,
         )
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_learn_predict_under_concurrency(
+    app_module, space_model, example_photos, flower_photos
+):
+    """The app's default: torch.compile in the background, then one request at a time on it."""
+    clf = app_module.Classifier(space_model, compile=True)
+    learn = clf.learn
+    images = example_photos + [ps[0] for ps in flower_photos.values()]
+    with learn.no_bar():
+        expected = {p: learn.predict(p)[2].numpy() for p in images}
+    # Requests are answered (by the eager model) while compiling.
+    np.testing.assert_allclose(clf.probabilities(images[0]), expected[images[0]], atol=1e-4)
+    assert clf.fast_ready.wait(600), "compiling did not finish in 10 minutes"
+    assert clf.fast is not None, "the compiled model was not adopted (see the log for why)"
+    before = clf.fast_calls
+    for path in images:
+        np.testing.assert_allclose(clf.probabilities(path), expected[path], atol=1e-4)
+    assert clf.fast_calls - before == len(images)
+
+    # Four threads at once: the compiled model serves one, the eager model the others; all right.
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for path in images:
+                np.testing.assert_allclose(clf.probabilities(path), expected[path], atol=1e-4)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert clf.fast is not None
+
+    # An input the compiled guards were not built for must not recompile inside a request:
+    # it is answered by the eager model and the app stays on eager from then on.
+    import torch
+
+    with torch.inference_mode():
+        xb = clf._tensor(images[0]).contiguous()  # NCHW instead of channels-last
+        out = clf._forward(xb)
+        np.testing.assert_allclose(
+            torch.softmax(out, -1)[0].numpy(), expected[images[0]], atol=1e-4
+        )
+    assert clf.fast is None
 
 
 @pytest.fixture(scope="module")
