@@ -100,6 +100,33 @@ def test_demo_two_nights(tmp_path):
     assert status.returncode == 0 and s1["challenger"]["version"] in status.stdout
 
 
+def test_quality_gate_stops_the_cycle_and_names_the_class(tmp_path):
+    """Too few images for a class: the night stops before training, says which class, keeps all."""
+    cfg = REPO / "configs" / "demo.toml"
+    env = {
+        "FRESHNET_SOURCE__DEMO_PER_QUERY": "12",
+        "FRESHNET_DATASET__MIN_TRAIN_PER_CLASS": "30",
+    }
+    r = run_cli(
+        ["run", "--config", str(cfg), "--night", "1", "--json", "n1.json", "--strict"],
+        tmp_path,
+        env,
+    )
+    assert r.returncode == 3, (r.stdout[-2000:], r.stderr[-2000:])  # --strict: stopped
+    s = json.loads((tmp_path / "n1.json").read_text())
+    assert s["outcome"] == "stopped"
+    reason = s["reasons"][0]
+    assert "quality gate" in reason and "class 'circle'" in reason and "need at least 30" in reason
+    assert "quality gate" in r.stdout
+    # Nothing was trained or published, and tonight's images are kept for the next night.
+    assert not (tmp_path / ".freshnet" / "models").exists() or not any(
+        (tmp_path / ".freshnet" / "models").iterdir()
+    )
+    space = tmp_path / ".freshnet" / "space"
+    assert not (space / "model.pkl").exists()
+    assert any((tmp_path / ".freshnet" / "images").rglob("*.jpg"))
+
+
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args):  # keep test output readable
         pass
