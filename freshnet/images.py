@@ -78,10 +78,11 @@ def _describe_non_image(data: bytes) -> str:
 
 
 def phash_hex(img: Image.Image) -> str:
-    """64-bit DCT perceptual hash as 16 hex chars (same algorithm as imagehash.phash)."""
-    import imagehash
+    """64-bit DCT perceptual hash as 16 hex chars (same bits as imagehash.phash, up to float
+    rounding; numpy instead of scipy, so workers neither import scipy nor pay its call cost)."""
+    from freshnet.dedupe import phash_image
 
-    return str(imagehash.phash(img, hash_size=8))
+    return f"{phash_image(img):016x}"
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -141,7 +142,8 @@ def normalize(data: bytes, cfg: ImagesConfig) -> Normalized:
     if min(w, h) < cfg.min_side:
         raise ImageRejected("too_small", f"{w}x{h}: smaller than min_side {cfg.min_side}")
     try:
-        im = ImageOps.exif_transpose(im) or im
+        # In place: without an orientation tag a copying transpose would copy the whole image.
+        ImageOps.exif_transpose(im, in_place=True)
     except Exception as exc:  # noqa: BLE001 - a broken EXIF block should not lose the image
         log.debug("ignoring broken EXIF: %s", exc)
     im = _to_rgb(im)
