@@ -106,7 +106,8 @@ class Classifier:
                         log.warning("compiled model differs from eager by %.1e; using eager", diff)
                         return
             # A later input that fails the compiled guards must raise (and fall back to eager),
-            # not recompile inside a request.
+            # not recompile inside a request. The stance is process-wide: the app compiles one
+            # model per process.
             torch.compiler.set_stance("fail_on_recompile")
             self._fast_shape = tuple(probes[0].shape)
             self.fast = compiled

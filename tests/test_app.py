@@ -124,6 +124,7 @@ def test_compiled_model_matches_learn_predict_under_concurrency(
             torch.softmax(out, -1)[0].numpy(), expected[images[0]], atol=1e-4
         )
     assert clf.fast is None
+    torch.compiler.set_stance("default")  # the app sets it process-wide; leave none behind
 
 
 @pytest.fixture(scope="module")
