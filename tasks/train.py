@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prefect import task
 from prefect.concurrency.sync import concurrency
 
@@ -11,7 +13,13 @@ from freshnet.config import Config
 
 @task
 def train_model(cfg: Config, snapshot_id: str, version: str, init_model_key: str | None) -> dict:
-    # One training per GPU at a time (global limit `gpu`, created by infra/bootstrap.py). strict=False:
-    # embedded mode has no such limit. A short lease frees the slot soon after a killed trainer.
-    with concurrency("gpu", occupy=1, lease_duration=60, strict=False):
+    # Served mode: one training per GPU at a time (global limit `gpu`, created by
+    # infra/bootstrap.py); a short lease frees the slot soon after a killed trainer. Embedded mode
+    # trains in-process, one night at a time, and its temporary server has no such limit.
+    slot = (
+        concurrency("gpu", occupy=1, lease_duration=60, strict=False)
+        if cfg.prefect.train_deployment
+        else contextlib.nullcontext()
+    )
+    with slot:
         return cycle.train_step(cfg, snapshot_id, version, init_model_key)

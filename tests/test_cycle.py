@@ -61,6 +61,8 @@ def test_demo_two_nights(tmp_path):
     assert r1.returncode == 0
     s1 = json.loads((tmp_path / "n1.json").read_text())
     assert "found" in r1.stdout and "decision" in r1.stdout
+    # Embedded mode trains in-process: no served-mode `gpu` concurrency limit is asked for.
+    assert "do not exist" not in r1.stdout + r1.stderr
     assert s1["outcome"] == "promoted", s1["reasons"]
     space = tmp_path / ".freshnet" / "space"
     assert "model.pkl" in git(space, "ls-tree", "--name-only", "HEAD").split()
