@@ -79,6 +79,11 @@ def finish(
         "decision": decision.get("summary", ""),
         "commit": entry["commit"] if entry else None,
         "report_key": decided.get("report_key"),
+        # Training images whose label the model confidently disputes: held back for review.
+        "flagged": [
+            {k: n.get(k) for k in ("sha256", "label", "predicted")}
+            for n in trained.get("noisy") or []
+        ],
     }
 
 
@@ -132,4 +137,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"  • {r}")
     if s.get("commit"):
         lines.append(f"space      commit {s['commit']}")
+    if s.get("flagged"):
+        lines.append(
+            f"review     {len(s['flagged'])} training image(s) look mislabeled and were "
+            "quarantined: `freshnet quarantine list`"
+        )
     return "\n".join(lines)
