@@ -247,6 +247,8 @@ def main() -> None:
             base = run_child("baseline", str(small), str(tmp_path / "fastai"))
             print("running freshnet ingest ...", file=sys.stderr)
             ours = run_child("ours", str(small), str(tmp_path / "store"))
+            # Not the figure: twice the default concurrency shows whether latency or CPU binds.
+            ours64 = run_child("ours", str(small), str(tmp_path / "store64"), "64")
             print(f"running freshnet ingest on {N_10K} URLs ...", file=sys.stderr)
             ours10k = run_child("ours", str(big), str(tmp_path / "store10k"))
         finally:
@@ -265,6 +267,7 @@ def main() -> None:
             f"{base['peak_rss_mb']:.0f}",
             f"{ours['peak_rss_mb']:.0f}",
         ),
+        ("wall at concurrency 64 (s)", "-", f"{ours64['wall']:.2f}"),
         (f"{N_10K} URLs: wall (s)", "-", f"{ours10k['wall']:.1f}"),
         (f"{N_10K} URLs: peak RSS (MB)", "-", f"{ours10k['peak_rss_mb']:.0f}"),
         (f"{N_10K} URLs: result", "-", json.dumps(ours10k["counts"])),
