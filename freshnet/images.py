@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from freshnet.config import ImagesConfig
+from freshnet.dedupe import phash_image
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,6 @@ def _describe_non_image(data: bytes) -> str:
 def phash_hex(img: Image.Image) -> str:
     """64-bit DCT perceptual hash as 16 hex chars (same bits as imagehash.phash, up to float
     rounding; numpy instead of scipy, so workers neither import scipy nor pay its call cost)."""
-    from freshnet.dedupe import phash_image
-
     return f"{phash_image(img):016x}"
 
 

@@ -136,7 +136,7 @@ class _Pool:
         # forkserver, not fork: the parent runs an event loop and threads. The server imports the
         # normalizer once and forks every worker from it, instead of one full import per worker.
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["freshnet.ingest", "freshnet.dedupe"])
+        ctx.set_forkserver_preload(["freshnet.ingest"])
         return cf.ProcessPoolExecutor(self.workers, mp_context=ctx)
 
     async def run(
