@@ -12,8 +12,10 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -338,6 +340,37 @@ def _frozen_bn_callback():
     return FrozenBodyBN()
 
 
+class _SeededRandom(random.Random):
+    """A private generator that can stand in for the ``random`` module in fastai's namespaces."""
+
+    Random = random.Random  # fastai.data.load seeds each DataLoader's rng with random.Random(...)
+
+
+@contextmanager
+def private_random(seed: int):
+    """Give fastai's augmentations and DataLoaders their own seeded ``random`` while training.
+
+    fastai draws every augmentation from the process-wide ``random`` module. In a Prefect flow,
+    other threads draw from it too (the events client's websocket pings) at moments that vary from
+    run to run, so one snapshot trained into different models (holdout accuracy 0.827 vs 0.845 on
+    the same flower images). With a private generator the same snapshot and seed give the same
+    weights.
+    """
+    import fastai.data.load as fastai_load
+    import fastai.vision.augment as fastai_augment
+
+    modules = (fastai_load, fastai_augment)
+    saved = [m.random for m in modules]
+    rng = _SeededRandom(seed)
+    for m in modules:
+        m.random = rng
+    try:
+        yield rng
+    finally:
+        for m, r in zip(modules, saved, strict=True):
+            m.random = r
+
+
 def train_model(
     manifest_train: pd.DataFrame,
     image_dir: Path,
@@ -365,48 +398,51 @@ def train_model(
     device = select_device(cfg)
     if device.type == "cpu":
         torch.set_num_threads(max(1, _cpu_count()))
-    set_seed(cfg.seed, reproducible=False)
-    manifest_train = manifest_train.sort_values("sha256").reset_index(drop=True)
-    df = frame_for(manifest_train, image_dir)
-    df[VALID_COL] = valid_mask(manifest_train, cfg.valid_fraction, cfg.seed)
-    dls = build_dls(df, cfg, device, vocab)
+    with private_random(cfg.seed):
+        set_seed(cfg.seed, reproducible=False)
+        manifest_train = manifest_train.sort_values("sha256").reset_index(drop=True)
+        df = frame_for(manifest_train, image_dir)
+        df[VALID_COL] = valid_mask(manifest_train, cfg.valid_fraction, cfg.seed)
+        dls = build_dls(df, cfg, device, vocab)
 
-    init, note, state = cfg.init, "", None
-    if init == "champion":
-        if init_from is None:
-            init, note = "imagenet", "no champion model given; falling back to imagenet"
-        else:
-            state, note = _champion_state(Path(init_from), cfg.arch, vocab)
-            if state is None:
-                init = "imagenet"
-                note += "; falling back to imagenet"
-        if init == "imagenet":
-            log.warning("init=champion not used: %s", note)
-    learn = build_learner(dls, cfg, pretrained=init in ("imagenet", "champion") and state is None)
-    if state is not None:
-        learn.model.load_state_dict(state)
-    frozen_bn = _frozen_bn_callback() if cfg.freeze_bn and init != "scratch" else None
-    if frozen_bn is not None:
-        learn.add_cb(frozen_bn)
-    precision = _precision(cfg, device)
-    # channels-last is faster for these convolutions on CUDA and on CPU (oneDNN) alike.
-    learn.model.to(memory_format=torch.channels_last)
-    learn.to_channelslast(use_amp=False)
-    if device.type == "cuda":
-        if precision == "bf16":
-            learn.to_bf16()
-        elif precision == "fp16":
-            learn.to_fp16()
+        init, note, state = cfg.init, "", None
+        if init == "champion":
+            if init_from is None:
+                init, note = "imagenet", "no champion model given; falling back to imagenet"
+            else:
+                state, note = _champion_state(Path(init_from), cfg.arch, vocab)
+                if state is None:
+                    init = "imagenet"
+                    note += "; falling back to imagenet"
+            if init == "imagenet":
+                log.warning("init=champion not used: %s", note)
+        learn = build_learner(
+            dls, cfg, pretrained=init in ("imagenet", "champion") and state is None
+        )
+        if state is not None:
+            learn.model.load_state_dict(state)
+        frozen_bn = _frozen_bn_callback() if cfg.freeze_bn and init != "scratch" else None
+        if frozen_bn is not None:
+            learn.add_cb(frozen_bn)
+        precision = _precision(cfg, device)
+        # channels-last is faster for these convolutions on CUDA and on CPU (oneDNN) alike.
+        learn.model.to(memory_format=torch.channels_last)
+        learn.to_channelslast(use_amp=False)
+        if device.type == "cuda":
+            if precision == "bf16":
+                learn.to_bf16()
+            elif precision == "fp16":
+                learn.to_fp16()
 
-    lr = cfg.lr
-    with learn.no_bar(), learn.no_logging():
-        if lr == "find":
-            lr = float(learn.lr_find(show_plot=False).valley)
-            log.info("lr_find chose %.2e", lr)
-        if init == "scratch":
-            learn.fit_one_cycle(cfg.freeze_epochs + cfg.epochs, lr)
-        else:
-            learn.fine_tune(cfg.epochs, base_lr=lr, freeze_epochs=cfg.freeze_epochs)
+        lr = cfg.lr
+        with learn.no_bar(), learn.no_logging():
+            if lr == "find":
+                lr = float(learn.lr_find(show_plot=False).valley)
+                log.info("lr_find chose %.2e", lr)
+            if init == "scratch":
+                learn.fit_one_cycle(cfg.freeze_epochs + cfg.epochs, lr)
+            else:
+                learn.fine_tune(cfg.epochs, base_lr=lr, freeze_epochs=cfg.freeze_epochs)
     names = [str(n) for n in learn.recorder.metric_names[1:-1]]  # drop 'epoch' and 'time'
     history = [
         dict(zip(names, (float(v) for v in vals), strict=False)) for vals in learn.recorder.values

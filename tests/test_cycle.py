@@ -190,4 +190,4 @@ title = "flowers"
     champion_acc = (
         s2["challenger"]["accuracy"] if s2["outcome"] == "promoted" else s2["champion"]["accuracy"]
     )
-    assert champion_acc >= 0.85, s2
+    assert champion_acc >= 0.85, (s2["outcome"], s2["reasons"], s1.get("challenger"))

@@ -123,6 +123,54 @@ def test_tiny_training_result(tiny):
     assert 0.0 <= res.valid_accuracy <= 1.0 and res.history
 
 
+def _weights_digest(model_path: Path) -> str:
+    from fastai.learner import load_learner
+
+    model = load_learner(model_path).model
+    return hashlib.sha256(
+        b"".join(t.detach().cpu().numpy().tobytes() for t in model.state_dict().values())
+    ).hexdigest()
+
+
+def test_same_snapshot_and_seed_train_the_same_weights_while_other_threads_draw_random(
+    tiny, tmp_path
+):
+    """Other threads (Prefect's events client) use the process-wide `random` during training.
+
+    fastai's augmentations draw from it, so without freshnet's private generator the two models
+    differ. Augmentation on, so the augmentation stream is exercised.
+    """
+    import random
+    import threading
+
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            random.random()
+            time.sleep(0.0005)
+
+    drawer = threading.Thread(target=draw, daemon=True)
+    drawer.start()
+    try:
+        cfg = TrainConfig(**{**TINY, "augment": True, "freeze_epochs": 1})
+        digests = [
+            _weights_digest(
+                train_model(
+                    tiny["train"], tiny["root"] / "images", cfg, tmp_path / f"{i}.pkl"
+                ).model_path
+            )
+            for i in range(2)
+        ]
+    finally:
+        stop.set()
+        drawer.join()
+    assert digests[0] == digests[1]
+    other_seed = TrainConfig(**{**TINY, "augment": True, "freeze_epochs": 1, "seed": 7})
+    res = train_model(tiny["train"], tiny["root"] / "images", other_seed, tmp_path / "s7.pkl")
+    assert _weights_digest(res.model_path) != digests[0], "the seed must matter"
+
+
 ISOLATED = r"""
 import importlib.abc, sys, json
 class Block(importlib.abc.MetaPathFinder):
