@@ -13,7 +13,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	# --no-compile: byte-compiling all of torch takes ~80 s of a fresh install; Python compiles
+	# the modules it actually imports on first use instead.
+	$(PY) -m pip install -q --no-compile -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

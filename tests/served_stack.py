@@ -214,7 +214,8 @@ class ServedStack:
             "PREFECT_HOME": str(home / ".prefect"),
             "FRESHNET_PROJECT_DIR": str(home / "project"),
             "FRESHNET_CACHE": str(home / "cache"),
-            # Heartbeats let the bootstrap's automation mark runs of a dead worker Crashed.
+            # Heartbeats let the bootstrap's automation mark runs of a dead worker Crashed. It waits
+            # 60 s, twice the interval, so a busy but healthy training is never taken for dead.
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
             # Fail fast when S3 is down: the test stops it on purpose.
             "FRESHNET_S3_MAX_ATTEMPTS": "2",
@@ -278,7 +279,7 @@ class ServedStack:
                 "--storage",
                 self.storage_uri,
                 "--zombie-after-s",
-                "90",
+                "60",
             ],
             cwd=self.root / "cpu" / "project",
             env=env,
