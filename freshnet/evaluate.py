@@ -84,9 +84,19 @@ def predict_files(model_path: Path, paths: list[Path]) -> tuple[list[str], np.nd
     # Same columns the training DataBlock reads, so every item transform applies as in training.
     items = pd.DataFrame({PATH_COL: [str(p) for p in paths], LABEL_COL: vocab[0]})
     dl = learn.dls.test_dl(items, bs=64, num_workers=0)
-    with learn.no_bar(), learn.no_logging():
-        probs, _ = learn.get_preds(dl=dl)
-    probs_np = probs.float().numpy()
+    # What get_preds does, with model and batches in channels-last: oneDNN's channels-last kernels
+    # (the depthwise convolutions above all) take ~30% less time on CPU for the same numbers, and
+    # the Space app predicts in channels-last too.
+    model = learn.model.eval().to(memory_format=torch.channels_last)
+    activation = getattr(learn.loss_func, "activation", lambda x: torch.softmax(x, dim=-1))
+    with torch.inference_mode():
+        probs = torch.cat(
+            [
+                activation(model(b[0].contiguous(memory_format=torch.channels_last)).float())
+                for b in dl
+            ]
+        )
+    probs_np = probs.numpy()
     predicted = [vocab[i] for i in probs_np.argmax(axis=1)]
     return predicted, probs_np, vocab
 
