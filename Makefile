@@ -10,12 +10,13 @@ PYTEST_ARGS ?= --durations=30
 
 venv: $(STAMP)
 
+# Keep pip's byte-compiling: with PYTHONDONTWRITEBYTECODE=1 (set on this machine) nothing else
+# writes .pyc files, and every process would compile torch from source (--no-compile made the
+# suite 1.5x slower).
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# --no-compile: byte-compiling all of torch takes ~80 s of a fresh install; Python compiles
-	# the modules it actually imports on first use instead.
-	$(PY) -m pip install -q --no-compile -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
