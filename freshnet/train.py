@@ -347,25 +347,27 @@ class _SeededRandom(random.Random):
 
 
 @contextmanager
-def private_random(seed: int):
-    """Give fastai's augmentations and DataLoaders their own seeded ``random`` while training.
+def seeded(seed: int):
+    """Seed random, numpy and torch, and give fastai its own seeded ``random`` while training.
 
-    fastai draws every augmentation from the process-wide ``random`` module. In a Prefect flow,
-    other threads draw from it too (the events client's websocket pings) at moments that vary from
-    run to run, so one snapshot trained into different models (holdout accuracy 0.827 vs 0.845 on
-    the same flower images). With a private generator the same snapshot and seed give the same
-    weights.
+    fastai draws every augmentation (and each DataLoader's shuffling seed) from the process-wide
+    ``random`` module. In a Prefect flow, other threads draw from it too (the events client's
+    websocket pings) at moments that vary from run to run, so one snapshot trained into different
+    models (holdout accuracy 0.827 vs 0.845 on the same flower images). With a private generator
+    the same snapshot and seed give the same weights.
     """
     import fastai.data.load as fastai_load
     import fastai.vision.augment as fastai_augment
+    from fastai.torch_core import set_seed
 
     modules = (fastai_load, fastai_augment)
     saved = [m.random for m in modules]
     rng = _SeededRandom(seed)
     for m in modules:
         m.random = rng
+    set_seed(seed, reproducible=False)
     try:
-        yield rng
+        yield
     finally:
         for m, r in zip(modules, saved, strict=True):
             m.random = r
@@ -380,7 +382,6 @@ def train_model(
 ) -> TrainResult:
     """Train on the manifest's train rows (a seeded slice becomes validation) and export to ``out_path``."""
     import torch
-    from fastai.torch_core import set_seed
 
     start = time.perf_counter()
     if cfg.arch not in ARCHS:
@@ -398,8 +399,7 @@ def train_model(
     device = select_device(cfg)
     if device.type == "cpu":
         torch.set_num_threads(max(1, _cpu_count()))
-    with private_random(cfg.seed):
-        set_seed(cfg.seed, reproducible=False)
+    with seeded(cfg.seed):
         manifest_train = manifest_train.sort_values("sha256").reset_index(drop=True)
         df = frame_for(manifest_train, image_dir)
         df[VALID_COL] = valid_mask(manifest_train, cfg.valid_fraction, cfg.seed)

@@ -166,7 +166,7 @@ def test_same_snapshot_and_seed_train_the_same_weights_while_other_threads_draw_
         stop.set()
         drawer.join()
     assert digests[0] == digests[1]
-    other_seed = TrainConfig(**{**TINY, "augment": True, "freeze_epochs": 1, "seed": 7})
+    other_seed = cfg.model_copy(update={"seed": 7})
     res = train_model(tiny["train"], tiny["root"] / "images", other_seed, tmp_path / "s7.pkl")
     assert _weights_digest(res.model_path) != digests[0], "the seed must matter"
 
