@@ -8,7 +8,7 @@ from prefect.runtime import flow_run
 from flows.hooks import notify_failure, run_training
 from freshnet import cycle, summary
 from freshnet.config import load_config
-from tasks.dataset import curate_images, snapshot_dataset
+from tasks.dataset import check_labels, curate_images, snapshot_dataset
 from tasks.evaluate import decide_promotion, evaluate_model, read_champion
 from tasks.ingest import download_images, search_images
 from tasks.publish import build_bundle, publish_space
@@ -25,8 +25,9 @@ def nightly(config: str = "configs/demo.toml", night: str | None = None) -> dict
     ingested = download_images(cfg, night, searched["key"])
     curated = curate_images(cfg, night, ingested["key"])
     champion = read_champion(cfg)
+    checked = check_labels(cfg, night, champion)
     snap = snapshot_dataset(cfg, since=champion["dataset"] if champion else None)
-    report = summary.start(cfg, night, searched, ingested, curated, snap)
+    report = summary.start(cfg, night, searched, ingested, curated, snap, checked)
 
     if snap["problems"]:
         log.error("quality gate stopped the cycle: %s", "; ".join(snap["problems"]))

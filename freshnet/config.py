@@ -80,6 +80,13 @@ class DedupeConfig(_Section):
     confirm_threshold: int = Field(12, ge=0, le=64)
     # When an image has no dHash (its stored bytes were unreadable), only this pHash distance counts.
     unconfirmed_threshold: int = Field(4, ge=0, le=32)
+    # Disguised copies (crops, rescales, watermarks, flips), which the pHash misses: embedding
+    # nearest neighbours verified by aligned thumbnails (freshnet/copies.py says how the
+    # threshold was measured).
+    copies: bool = True
+    copy_candidates: int = Field(5, ge=1, le=100)  # nearest embeddings verified per image
+    copy_floor: float = Field(0.5, ge=-1, le=1)  # cosine similarity a candidate needs
+    copy_threshold: float = Field(0.77, gt=0, le=1)  # aligned correlation that makes a copy
 
 
 class DatasetConfig(_Section):
@@ -89,6 +96,19 @@ class DatasetConfig(_Section):
     min_holdout_per_class: int = Field(10, ge=1)
     max_imbalance: float = Field(5.0, ge=1)
     min_new_images: int = Field(1, ge=0)  # fewer new images than this: skip training
+
+
+class LabelCheckConfig(_Section):
+    enabled: bool = True
+    folds: int = Field(5, ge=2, le=50)  # cross-validation folds on the cached embeddings
+    # cleanlab.filter.find_label_issues(filter_by=...): "both" keeps an image only when two of
+    # cleanlab's rules agree (measured: higher precision at a small cost in recall).
+    filter_by: Literal[
+        "prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given"
+    ] = "both"
+    use_champion: bool = True  # average in the champion's probabilities for tonight's images
+    max_flag_fraction: float = Field(0.25, gt=0, le=1)  # per class; more means bad queries
+    seed: int = 0
 
 
 class TrainConfig(_Section):
@@ -104,7 +124,10 @@ class TrainConfig(_Section):
     valid_fraction: float = Field(0.1, gt=0, lt=0.5)  # carved out of train, never the holdout
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    noise_confidence: float = Field(0.9, gt=0.5, le=1.0)  # label-noise quarantine threshold
+    # The old in-sample check (the new model judges its own training labels); off by default:
+    # a model has memorized the labels it trained on (benchmarks/web_noise.py measures it).
+    in_sample_noise: bool = False
+    noise_confidence: float = Field(0.9, gt=0.5, le=1.0)  # its quarantine threshold
     noise_top_loss_fraction: float = Field(0.0, ge=0, le=0.5)  # also list this top-loss tail
     min_scale: float = Field(0.75, gt=0, le=1.0)  # RandomResizedCrop lower bound when augmenting
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 or fp16 on CUDA
@@ -153,6 +176,7 @@ class Config(_Section):
     images: ImagesConfig = Field(default_factory=ImagesConfig)
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    label_check: LabelCheckConfig = Field(default_factory=LabelCheckConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     space: SpaceConfig = Field(default_factory=SpaceConfig)

@@ -100,6 +100,110 @@ def curate_step(cfg: Config, night: str, ingest_key: str) -> dict:
     return report.to_dict()
 
 
+def _champion_probs(cfg: Config, store: Storage, champion: dict, rows: Any, judge: Any) -> Any:
+    """The champion's probabilities over cfg.classes for the ``judge`` rows (NaN elsewhere).
+
+    Only rows the champion never trained on may be judged by it; the caller passes tonight's.
+    """
+    import numpy as np
+
+    from freshnet import evaluate, train
+
+    probs = np.full((len(rows), len(cfg.classes)), np.nan)
+    picked = rows[judge]
+    if len(picked) == 0:
+        return probs
+    model_path = cache_dir(cfg) / "models" / champion["version"] / "model.pkl"
+    try:
+        if not model_path.exists():
+            store.get_to_file(champion["model_key"], model_path)
+        image_dir = train.materialize(store, picked, cache_dir(cfg) / "images")
+        _, p, vocab = evaluate.predict_files(
+            model_path, [train.image_path(image_dir, s) for s in picked["sha256"]]
+        )
+    except Exception as exc:  # noqa: BLE001 - the embeddings alone still judge the labels
+        log.warning("label check without the champion: %s: %s", type(exc).__name__, exc)
+        return probs
+    col = {v: i for i, v in enumerate(vocab)}
+    if set(cfg.classes) - set(col):
+        log.warning("label check without the champion: its classes %s differ", vocab)
+        return probs
+    probs[np.flatnonzero(judge)] = p[:, [col[c] for c in cfg.classes]]
+    return probs
+
+
+def label_check_step(cfg: Config, night: str, champion: dict | None = None) -> dict:
+    """Hold back images whose label out-of-sample models dispute (status noisy_label).
+
+    Runs after curation and before the snapshot, so neither tonight's challenger nor the holdout
+    that scores both models sees them.
+    """
+    import numpy as np
+
+    from freshnet import dataset, embed, labels
+
+    lc = cfg.label_check
+    if not lc.enabled:
+        return labels.LabelCheck(
+            0, notes=["label check off (label_check.enabled = false)"]
+        ).to_dict()
+    store = open_store(cfg)
+    df = dataset.load_catalog(store)
+    rows = df[(df["status"] == "ok") & df["label"].isin(cfg.classes)].reset_index(drop=True)
+    emb = embed.ensure_embeddings(store, rows["sha256"].tolist(), progress=True)
+    missing = int((~emb.ok).sum())
+    rows, emb = rows[emb.ok].reset_index(drop=True), emb.take(np.flatnonzero(emb.ok))
+    is_new = (rows["first_seen"].astype(str) == str(night)).to_numpy()
+    champ = None
+    if champion and lc.use_champion:
+        champ = _champion_probs(cfg, store, champion, rows, is_new)
+    probs, judged, sources, notes = labels.out_of_sample_probs(
+        emb.features(),
+        rows["label"].tolist(),
+        rows["group"].tolist(),
+        is_new,
+        cfg.classes,
+        lc.folds,
+        lc.seed,
+        champion=champ,
+    )
+    issues, more = labels.find_issues(
+        rows["sha256"].tolist(),
+        rows["label"].tolist(),
+        probs,
+        judged,
+        cfg.classes,
+        lc.filter_by,
+        lc.max_flag_fraction,
+    )
+    notes += more
+    if missing:
+        notes.append(f"{missing} image(s) without an embedding (unreadable): not judged")
+    for note in notes:
+        log.warning("label check: %s", note)
+    check = labels.LabelCheck(int(judged.sum()), issues, notes, sources)
+    if issues:
+        held = dataset.quarantine_images(
+            store,
+            [i["sha256"] for i in issues],
+            "noisy_label",
+            {
+                i["sha256"]: f"label check night {night}: looks like {i['suggested']} "
+                f"(p={i['suggested_p']:.2f}; p({i['label']})={i['label_p']:.2f})"
+                for i in issues
+            },
+        )
+        log.warning(
+            "label check: %d of %d image(s) look mislabeled; %d held for review "
+            "(`freshnet quarantine list`)",
+            len(issues),
+            check.checked,
+            held,
+        )
+    put_json(store, f"nights/{night}/labels.json", check.to_dict())
+    return check.to_dict()
+
+
 def snapshot_step(cfg: Config, since: str | None = None) -> dict:
     """Snapshot and gate; ``new_since`` counts images not in snapshot ``since`` (the champion's).
 

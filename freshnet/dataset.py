@@ -290,6 +290,27 @@ def _signals(store: Storage, sha: str, phash: str | None) -> tuple[int, int, boo
         return p, 0, False
 
 
+def _copy_pairs(
+    store: Storage, existing: Sequence[str], pending: Sequence[dict[str, Any]], ddc: Any
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Disguised-copy pairs: (pending position, catalog row) and (pending a, pending b)."""
+    from . import copies, embed
+
+    # Every image ever accepted is cached since its own night (computed once if the cache is new).
+    both = embed.ensure_embeddings(
+        store, [*existing, *(o["sha256"] for o in pending)], progress=True
+    )
+    old = both.take(range(len(existing)))
+    new = both.take(range(len(existing), len(both)))
+    args = (ddc.copy_candidates, ddc.copy_floor, ddc.copy_threshold)
+    found = copies.find_copies(new, old, *args) if len(old) else None
+    within = copies.find_copies(new, None, *args)
+    pairs = list(zip(found.query.tolist(), found.target.tolist(), strict=True)) if found else []
+    batch = list(zip(within.query.tolist(), within.target.tolist(), strict=True))
+    log.info("disguised copies: %d of history, %d within tonight", len(pairs), len(batch))
+    return pairs, batch
+
+
 def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> CurationReport:
     """Dedupe tonight's accepted images against all history, group, split, and persist the catalog.
 
@@ -417,6 +438,14 @@ def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> 
                 )
                 for a, b in zip(ii[keep].tolist(), jj[keep].tolist(), strict=True):
                     uf.union(a, b)
+
+    if ddc.copies and n:
+        # Second signal: disguised copies (crops, watermarks, flips) the pHash cannot see.
+        found, within = _copy_pairs(store, df["sha256"].tolist(), pending, ddc)
+        for q, t in found:
+            touched[q].add(groups[t])
+        for a, b in within:
+            uf.union(a, b)
 
     new_group = [""] * n
     new_split = [""] * n
@@ -810,10 +839,13 @@ def drop(store: Storage, sha: str) -> dict[str, Any]:
     return _update(store, sha, "drop", change)
 
 
-def quarantine_images(store: Storage, shas: Sequence[str], reason: str, note: str) -> int:
+def quarantine_images(
+    store: Storage, shas: Sequence[str], reason: str, note: str | Mapping[str, str]
+) -> int:
     """Hold status-ok images back for review (e.g. reason "noisy_label"); returns how many changed.
 
-    Images a reviewer already decided on keep that decision.
+    ``note`` is one note for all, or one per sha256. Images a reviewer already decided on keep
+    that decision.
     """
     if reason not in QUARANTINE_STATUSES:
         raise QuarantineError(f"quarantine reason {reason!r} is not one of {QUARANTINE_STATUSES}")
@@ -829,7 +861,10 @@ def quarantine_images(store: Storage, shas: Sequence[str], reason: str, note: st
         if n == 0:
             return 0
         df.loc[sel, "status"] = reason
-        df.loc[sel, "note"] = note
+        if isinstance(note, Mapping):
+            df.loc[sel, "note"] = [note.get(x, "") for x in df.loc[sel, "sha256"]]
+        else:
+            df.loc[sel, "note"] = note
         try:
             _commit(store, state, df, list(state.index.segments), f"quarantine {n} {reason}")
         except CatalogConflict:

