@@ -65,13 +65,23 @@ def _best_match(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def copy_score(
-    a: np.ndarray, a_hw: np.ndarray, b: np.ndarray, b_hw: np.ndarray, mirror: bool
+    a: np.ndarray, a_hw: np.ndarray, b: np.ndarray, b_hw: np.ndarray, enough: float = 2.0
 ) -> float:
-    """Aligned high-pass correlation of two thumbnails, either being a crop of the other."""
+    """Aligned high-pass correlation of two thumbnails, either being a crop of the other.
+
+    Both orientations are tried: pooled CNN embeddings are nearly mirror-invariant, so they
+    cannot tell which one a candidate needs. Stops early once a score reaches ``enough``.
+    """
     pa, pb = _high_pass(a, a_hw), _high_pass(b, b_hw)
-    if mirror:
-        pa = np.ascontiguousarray(pa[:, ::-1])
-    return max(_best_match(pa, pb), _best_match(pb, pa))
+    best = -1.0
+    for view in (pa, np.ascontiguousarray(pa[:, ::-1])):
+        best = max(best, _best_match(view, pb))
+        if best >= enough:
+            return best
+        best = max(best, _best_match(pb, view))
+        if best >= enough:
+            return best
+    return best
 
 
 def find_copies(
@@ -100,8 +110,8 @@ def find_copies(
     kk = min(len(tpos), k + (1 if self_join else 0))
     plain_s, plain_i = ix.search(np.ascontiguousarray(query.emb[qpos]), kk)
     flip_s, flip_i = ix.search(np.ascontiguousarray(query.flip[qpos]), kk)
-    best: dict[tuple[int, int], tuple[float, bool]] = {}  # (q, t) -> (similarity, mirrored)
-    for sims, ids, mirrored in ((plain_s, plain_i, False), (flip_s, flip_i, True)):
+    best: dict[tuple[int, int], float] = {}  # (q, t) -> best cosine similarity
+    for sims, ids in ((plain_s, plain_i), (flip_s, flip_i)):
         for row, q in enumerate(qpos):
             for sim, j in zip(sims[row], ids[row], strict=True):
                 if j < 0 or sim < floor:
@@ -110,12 +120,11 @@ def find_copies(
                 if self_join and t == q:
                     continue
                 key = (min(q, t), max(q, t)) if self_join else (int(q), t)
-                if key not in best or sim > best[key][0]:
-                    best[key] = (float(sim), mirrored)
+                best[key] = max(best.get(key, -1.0), float(sim))
     out_q, out_t, out_s = [], [], []
-    for (q, t), (_, mirrored) in sorted(best.items()):
+    for q, t in sorted(best):
         score = copy_score(
-            query.thumb[q], query.thumb_hw[q], target.thumb[t], target.thumb_hw[t], mirrored
+            query.thumb[q], query.thumb_hw[q], target.thumb[t], target.thumb_hw[t], threshold
         )
         if score >= threshold:
             out_q.append(q)
