@@ -53,6 +53,7 @@ def disguise(path: Path, rng: random.Random) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_disguised_copies_join_their_originals_and_distinct_photos_stay_apart(
     tmp_path, flower_photos
 ):
@@ -126,6 +127,7 @@ def test_embedding_cache_computes_once_and_recomputes_what_is_corrupt_or_missing
     assert out.ok.tolist() == [True, True, False]
 
 
+@pytest.mark.slow
 def test_label_check_holds_back_flipped_labels_before_the_snapshot(tmp_path, flower_photos):
     classes = ["daisy", "dandelion", "sunflowers"]
     store = FileStorage(tmp_path)
