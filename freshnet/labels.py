@@ -154,7 +154,9 @@ def find_issues(
     p_sub = p[:, present]
     p_sub = p_sub / np.maximum(p_sub.sum(axis=1, keepdims=True), 1e-12)
     y_sub = np.array([remap[c] for c in y])
-    flagged = find_label_issues(y_sub, p_sub, filter_by=filter_by)
+    # n_jobs=1: cleanlab otherwise forks a multiprocessing pool, and a fork of this
+    # multi-threaded process (torch, Prefect) deadlocked in the flowers end-to-end test.
+    flagged = find_label_issues(y_sub, p_sub, filter_by=filter_by, n_jobs=1)
     quality = p[np.arange(len(y)), y]
     issues = []
     for c in present:
