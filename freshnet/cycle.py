@@ -175,6 +175,7 @@ def label_check_step(cfg: Config, night: str, champion: dict | None = None) -> d
         cfg.classes,
         lc.filter_by,
         lc.max_flag_fraction,
+        lc.chance_fraction,
     )
     notes += more
     if missing:

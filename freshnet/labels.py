@@ -133,8 +133,14 @@ def find_issues(
     classes: Sequence[str],
     filter_by: str,
     max_fraction: float,
+    chance_fraction: float = 1.0,
 ) -> tuple[list[dict], list[str]]:
     """cleanlab's label issues among the judged rows, at most ``max_fraction`` of any class.
+
+    A flagged label must also have an out-of-sample probability below ``chance_fraction`` / k
+    (k classes): cleanlab estimates how many labels of a class are wrong and removes that many,
+    and when tonight's noise raises the estimate it takes borderline images too, whose labels
+    the models still find plausible.
 
     Returns (issues sorted worst first, notes). An issue names the suggested class and the
     label's out-of-sample probability (its "label quality").
@@ -160,6 +166,7 @@ def find_issues(
     # multi-threaded process (torch, Prefect) deadlocked in the flowers end-to-end test.
     flagged = find_label_issues(y_sub, p_sub, filter_by=filter_by, n_jobs=1)
     quality = p[np.arange(len(y)), y]
+    flagged &= quality < chance_fraction / len(classes)
     issues = []
     for c in present:
         members = np.flatnonzero((y == c) & flagged)
