@@ -93,7 +93,7 @@ def find_copies(
 ) -> CopyPairs:
     """Pairs (query i, index j) that are copies; ``index=None`` searches the query set itself (i < j).
 
-    Candidates: the ``k`` nearest embeddings of each query (plain and mirrored) with cosine
+    Candidates: the ``k`` nearest embeddings of each query with cosine
     similarity >= ``floor``; each is kept when its aligned thumbnail score is >= ``threshold``.
     """
     import faiss
@@ -110,20 +110,16 @@ def find_copies(
     kk = min(len(tpos), k + (1 if self_join else 0))
     # The embeddings are nearly mirror-invariant (a mirrored copy scores within ~0.03 of the
     # plain one), so one query finds both; the thumbnail check tries both orientations.
-    sims_all, ids_all = ix.search(np.ascontiguousarray(query.emb[qpos]), kk)
-    best: dict[tuple[int, int], float] = {}  # (q, t) -> cosine similarity
-    for sims, ids in ((sims_all, ids_all),):
-        for row, q in enumerate(qpos):
-            for sim, j in zip(sims[row], ids[row], strict=True):
-                if j < 0 or sim < floor:
-                    continue
-                t = int(tpos[j])
-                if self_join and t == q:
-                    continue
-                key = (min(q, t), max(q, t)) if self_join else (int(q), t)
-                best[key] = max(best.get(key, -1.0), float(sim))
+    sims, ids = ix.search(np.ascontiguousarray(query.emb[qpos]), kk)
+    candidates: set[tuple[int, int]] = set()
+    for row, q in enumerate(qpos.tolist()):
+        for sim, j in zip(sims[row], ids[row], strict=True):
+            t = int(tpos[j]) if j >= 0 else -1
+            if t < 0 or sim < floor or (self_join and t == q):
+                continue
+            candidates.add((min(q, t), max(q, t)) if self_join else (q, t))
     out_q, out_t, out_s = [], [], []
-    for q, t in sorted(best):
+    for q, t in sorted(candidates):
         score = copy_score(
             query.thumb[q], query.thumb_hw[q], target.thumb[t], target.thumb_hw[t], threshold
         )
