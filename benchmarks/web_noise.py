@@ -46,7 +46,6 @@ leak runs embed tonight's images themselves, and the clean run is the one that i
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -63,7 +62,6 @@ from pathlib import Path
 # tqdm reads this when it is imported: no progress bars in the benchmark's output.
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -71,6 +69,7 @@ sys.path.insert(0, str(REPO))
 from freshnet import cycle, dataset, embed, evaluate, images, train  # noqa: E402
 from freshnet.config import Config, ImagesConfig, parse_config  # noqa: E402
 from freshnet.storage import Storage, open_storage  # noqa: E402
+from tests.web_noise_helpers import disguise  # noqa: E402
 
 SHARED = Path(os.environ.get("FRESHNET_SHARED_DATA", REPO.parent / "shared" / "data"))
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
@@ -80,7 +79,6 @@ NIGHT1_SHARE = 0.6
 SEED = 0
 TRAIN: dict = {}  # the default recipe: what a night really trains
 IN_SAMPLE_CONFIDENCE = 0.9
-WATERMARK = "\u00a9 stockphoto"
 START = time.perf_counter()
 
 
@@ -183,36 +181,6 @@ def train_and_eval(cfg: Config, version: str, holdout, image_dir: Path) -> dict:
 
 
 # ---- disguised copies ---------------------------------------------------------------------------
-
-
-def disguise(path: Path, rng: random.Random) -> bytes:
-    """A re-hosted copy: crop, rescale, watermark, brightness, maybe mirror, re-compress."""
-    with Image.open(path) as src:
-        im = src.convert("RGB")
-    w, h = im.size
-    # 3-10% of each axis comes off in total; a random share of it off the left (top) side.
-    cx, cy, sx, sy = rng.uniform(0.03, 0.10), rng.uniform(0.03, 0.10), rng.random(), rng.random()
-    box = (
-        round(w * cx * sx),
-        round(h * cy * sy),
-        w - round(w * cx * (1 - sx)),
-        h - round(h * cy * (1 - sy)),
-    )
-    im = im.crop(box)
-    s = rng.uniform(0.5, 1.5)
-    im = im.resize((round(im.width * s), round(im.height * s)), Image.Resampling.BILINEAR)
-    draw = ImageDraw.Draw(im)
-    font = ImageFont.load_default()
-    left, top, right, bottom = draw.textbbox((0, 0), WATERMARK, font=font)
-    x = rng.randint(0, max(0, im.width - (right - left)))
-    y = rng.randint(0, max(0, im.height - (bottom - top)))
-    draw.text((x, y), WATERMARK, fill=(255, 255, 255), font=font)
-    im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.8, 1.2))
-    if rng.random() < 0.5:
-        im = ImageOps.mirror(im)
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=rng.randint(40, 95))
-    return buf.getvalue()
 
 
 def leak_counts(store: Storage, copies: list[tuple[Photo, Photo]]) -> dict:

@@ -158,7 +158,7 @@ def label_check_step(cfg: Config, night: str, champion: dict | None = None) -> d
     if champion and lc.use_champion:
         champ = _champion_probs(cfg, store, champion, rows, is_new)
     probs, judged, sources, notes = labels.out_of_sample_probs(
-        emb.features(),
+        emb.emb,
         rows["label"].tolist(),
         rows["group"].tolist(),
         is_new,

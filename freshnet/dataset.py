@@ -303,9 +303,9 @@ def _copy_pairs(
     old = both.take(range(len(existing)))
     new = both.take(range(len(existing), len(both)))
     args = (ddc.copy_candidates, ddc.copy_floor, ddc.copy_threshold)
-    found = copies.find_copies(new, old, *args) if len(old) else None
+    found = copies.find_copies(new, old, *args)
     within = copies.find_copies(new, None, *args)
-    pairs = list(zip(found.query.tolist(), found.target.tolist(), strict=True)) if found else []
+    pairs = list(zip(found.query.tolist(), found.target.tolist(), strict=True))
     batch = list(zip(within.query.tolist(), within.target.tolist(), strict=True))
     log.info("disguised copies: %d of history, %d within tonight", len(pairs), len(batch))
     return pairs, batch

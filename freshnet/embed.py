@@ -90,10 +90,6 @@ class Embeddings:
             self.thumb_hw[rows],
         )
 
-    def features(self) -> np.ndarray:
-        """The classification feature (the unit-length embedding)."""
-        return self.emb
-
 
 # ---- computing --------------------------------------------------------------------------------
 
@@ -246,7 +242,8 @@ def _add_segment(
     """Append one segment and swap the pointer (compacting when there are too many segments)."""
     for _ in range(5):
         segments, token = _read_pointer(store)
-        live = [k for k in segments if k in set(loaded)]  # corrupt/missing ones are forgotten
+        sound = set(loaded)
+        live = [k for k in segments if k in sound]  # corrupt/missing ones are forgotten
         if len(live) >= MAX_SEGMENTS:
             # Compaction, once every MAX_SEGMENTS writes: one O(all) write keeps loads cheap.
             rows = {**cached, **new}
