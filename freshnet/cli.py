@@ -10,9 +10,11 @@ import sys
 from collections.abc import Callable
 
 from freshnet.config import Config, ConfigError, load_config
+from freshnet.lease import LeaseHeld
 
 EXIT_CONFIG = 2
 EXIT_STOPPED = 3
+EXIT_BUSY = 4
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -30,7 +32,17 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """One nightly cycle in-process; Prefect starts its own temporary API when none is configured."""
-    load_config(args.config)  # fail fast, before Prefect starts, on a bad file
+    from freshnet.lease import Lease
+    from freshnet.storage import open_storage
+
+    cfg = load_config(args.config)  # fail fast, before Prefect starts, on a bad file
+    # One embedded night per storage at a time: a second `freshnet run` says so at once instead
+    # of doing the night's work and losing the catalog's compare-and-swap at the end.
+    with Lease(open_storage(cfg.storage), "night-run", what=f"`freshnet run` of {args.config}"):
+        return _run_night(args)
+
+
+def _run_night(args: argparse.Namespace) -> int:
     # A loaded 2-core machine needs more than Prefect's default 20 s to start the temporary API;
     # telemetry would only try to reach the internet (and contends for the SQLite file).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -220,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"freshnet: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except LeaseHeld as exc:
+        print(f"freshnet: busy: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except Exception as exc:
         # freshnet's own errors already say what was wrong and where: no traceback for those.
         if not type(exc).__module__.startswith("freshnet."):
