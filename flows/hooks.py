@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import urllib.request
+from datetime import UTC, datetime
 
 from prefect.deployments import run_deployment
 
@@ -14,12 +15,21 @@ from freshnet import cycle
 from freshnet.config import Config
 
 log = logging.getLogger(__name__)
+# Train runs one night may start (each after the previous one ended without a result).
+MAX_TRAIN_RUNS = 3
 
 
-def run_training(
-    cfg: Config, snapshot_id: str, version: str, init_key: str | None, parent_run_id: str | None
-) -> dict:
-    """Embedded: a subflow here. Served: the `train` deployment on the gpu pool, sharing only URIs."""
+def run_training(cfg: Config, snapshot_id: str, version: str, init_key: str | None) -> dict:
+    """Embedded: a subflow here. Served: the `train` deployment on the gpu pool, sharing only URIs.
+
+    ``version`` is the night's (cycle.night_version): the same for every attempt at the night, so
+    a retry reuses a finished training, joins a train run that is still going, and starts a new
+    one only when the earlier one ended without a result.
+    """
+    done = cycle.find_train_result(cfg, version)
+    if done is not None:
+        log.info("training of %s finished in an earlier attempt: reusing it", version)
+        return done
     params = {
         "config": cfg.dump(),
         "snapshot_id": snapshot_id,
@@ -28,22 +38,34 @@ def run_training(
     }
     if not cfg.prefect.train_deployment:
         return train(**params)
-    run = run_deployment(
-        cfg.prefect.train_deployment,
-        parameters=params,
-        # A retried nightly run must not start a second training for the same night.
-        idempotency_key=f"{parent_run_id}-{snapshot_id}-train",
-        timeout=cfg.prefect.train_timeout_s,
-        poll_interval=2,
-    )
-    state = run.state
-    if state is None or not state.is_completed():
-        name = state.name if state else "unknown"
-        raise RuntimeError(
-            f"training run {run.name} ({run.id}) ended {name}: "
-            f"{state.message if state else 'no state'}; champion unchanged"
+    started = datetime.now(UTC)
+    for attempt in range(MAX_TRAIN_RUNS):
+        # The key makes Prefect return the existing run for this version instead of a second
+        # one (a retried nightly, a slow API call retried by the client).
+        key = f"train-{version}" + (f"-{attempt}" if attempt else "")
+        run = run_deployment(
+            cfg.prefect.train_deployment,
+            parameters=params,
+            idempotency_key=key,
+            flow_run_name=version if not attempt else f"{version}-{attempt}",
+            timeout=cfg.prefect.train_timeout_s,
+            poll_interval=2,
         )
-    return cycle.load_train_result(cfg, version)
+        state = run.state
+        if state is not None and state.is_completed():
+            return cycle.load_train_result(cfg, version)
+        earlier = run.created is not None and run.created < started
+        if not (earlier and state is not None and state.is_final()):
+            name = state.name if state else "unknown"
+            raise RuntimeError(
+                f"training run {run.name} ({run.id}) ended {name}: "
+                f"{state.message if state else 'no state'}; champion unchanged"
+            )
+        # An earlier attempt's train run ended without a result: this attempt trains anew.
+        log.warning(
+            "train run %s of an earlier attempt ended %s: training again", run.name, state.name
+        )
+    raise RuntimeError(f"training of {version} failed in {MAX_TRAIN_RUNS} runs; champion unchanged")
 
 
 def notify_failure(flow, flow_run, state) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
 
 from flows.hooks import notify_failure, run_training
 from freshnet import cycle, summary
@@ -40,9 +39,9 @@ def nightly(config: str = "configs/demo.toml", night: str | None = None) -> dict
             f"min_new_images {cfg.dataset.min_new_images}): training skipped",
         )
 
-    version = cycle.new_version()
     init_key = champion["model_key"] if champion and cfg.train.init == "champion" else None
-    trained = run_training(cfg, snap["id"], version, init_key, flow_run.id)
+    version = cycle.night_version(cfg, night, snap["id"], init_key)
+    trained = run_training(cfg, snap["id"], version, init_key)
     challenger = evaluate_model(cfg, trained["model_key"], version, snap["id"])
     defending = (
         evaluate_model(cfg, champion["model_key"], champion["version"], snap["id"])

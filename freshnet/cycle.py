@@ -257,6 +257,32 @@ def load_train_result(cfg: Config, version: str) -> dict:
     return get_json(open_store(cfg), f"models/{version}/result.json")
 
 
+def find_train_result(cfg: Config, version: str) -> dict | None:
+    """The finished training of ``version`` if an earlier attempt left one (it is written last)."""
+    try:
+        return load_train_result(cfg, version)
+    except NotFound:
+        return None
+
+
+def night_version(cfg: Config, night: str, snapshot_id: str, init_key: str | None) -> str:
+    """The model version of this night's training, the same for every attempt at it.
+
+    A retried or rerun night with the same snapshot, training config and starting model names
+    the same version, so it finds the training and evaluations an earlier attempt finished
+    instead of training again (and a train run started by an earlier attempt is joined, not
+    duplicated). The first attempt's time stamp makes the version; the record is written once.
+    """
+    part = {"snapshot": snapshot_id, "train": cfg.train.model_dump(), "init": init_key}
+    tag = hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = f"nights/{night}/version-{tag}.json"
+    store = open_store(cfg)
+    store.put_if_absent(key, json.dumps({"version": new_version(), **part}, default=str).encode())
+    version = get_json(store, key)["version"]
+    log.info("night %s: model version %s (snapshot %s)", night, version, snapshot_id)
+    return version
+
+
 # ---- evaluate and decide --------------------------------------------------------------------
 
 
