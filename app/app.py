@@ -8,22 +8,36 @@ This file is pushed to the Space as-is: it imports nothing from freshnet. Enviro
   FRESHNET_COMPILE                          1 (default): compile the model with torch.compile in the
                                             background; 0: always run the eager model
   FRESHNET_FEEDBACK                         feedback sink: a folder (default ./feedback) or s3://bucket/prefix
+  FRESHNET_MAX_PIXELS                       largest photo accepted, in pixels (default 50 million)
+  FRESHNET_MAX_DECODE_MB                    memory one photo may need decoded (default 256): counted
+                                            in bytes per pixel, so 16-bit and transparent images
+                                            count fully; with FRESHNET_CONCURRENCY=4 at most ~1 GB
+  FRESHNET_UPLOAD_TTL_S                     uploads are deleted from Gradio's cache after this
+                                            many seconds (default 900)
 
 Feedback format (read by freshnet's `feedback` source), one pair per correction:
-  <sink>/<label>/<id>.jpg    the image as uploaded, re-encoded as RGB JPEG
-  <sink>/<label>/<id>.json   {"id", "label", "predicted", "probabilities", "model_version", "time"}
+  <sink>/<label>/<id>.jpg    the upload normalised like ingest: RGB JPEG, max side 400
+  <sink>/<label>/<id>.json   {"id", "label", "predicted", "probabilities", "model_version", "time"}:
+                             label a class of the model, probabilities only for its classes (at
+                             most one per class), every text field at most 200 characters
+
+Errors shown to users never carry server details (paths, exception text): those go to the log.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import json
 import logging
+import math
 import os
+import re
 import threading
 import time
 import uuid
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,6 +45,18 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 NOT_AN_IMAGE = "That file is not an image we can read. Please upload a JPEG, PNG or WebP photo."
+SERVER_ERROR = "Something went wrong on our side. Please try again in a moment."
+MAX_PIXELS = 50_000_000  # a 48-megapixel phone photo fits
+MAX_DECODE_MB = 256
+UPLOAD_TTL_S = 900
+FEEDBACK_MAX_SIDE = 400  # like freshnet's images.max_side default: feedback is stored small
+MAX_TEXT = 200  # characters in any text field of a feedback record (freshnet's reader's limit)
+MAX_PROBABILITIES = 100  # entries in a record's probabilities, whatever the model
+# Bytes per pixel Pillow stores (3-channel modes take 4); anything but RGB is then converted to
+# RGB at full size by the model's loader, another 4.
+_STORAGE_BPP = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+# Anything that looks like a filesystem path, in a message a user is about to see.
+_PATH_RE = re.compile(r"(?:[A-Za-z]:)?[/\\](?:[^\s/\\'\"<>]+[/\\])+[^\s/\\'\"<>,;:)]*")
 
 log = logging.getLogger("freshnet.space")
 
@@ -164,25 +190,169 @@ def example_paths(bundle: Path = HERE) -> list[str]:
     return [str(p) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
-class FeedbackSink:
-    """Writes corrections as <label>/<id>.jpg + <label>/<id>.json to a folder or s3://bucket/prefix."""
+class ImageRefused(Exception):
+    """An upload the app will not decode; the message is meant for the user."""
 
-    def __init__(self, where: str):
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name) or default)
+
+
+def scrub(text: str) -> str:
+    """``text`` without anything that looks like a filesystem path."""
+    return _PATH_RE.sub("<file>", text)
+
+
+def check_image(path: str | Path, max_pixels: int | None = None, max_mb: int | None = None):
+    """Refuse, from the header alone, an image too large to decode (pixels, or bytes per pixel)."""
+    from PIL import Image
+
+    max_pixels = max_pixels or _env_int("FRESHNET_MAX_PIXELS", MAX_PIXELS)
+    max_bytes = (max_mb or _env_int("FRESHNET_MAX_DECODE_MB", MAX_DECODE_MB)) * 2**20
+    try:
+        with warnings.catch_warnings():
+            # Our caps decide, below; Pillow's own bomb limit only as a last resort.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                (w, h), mode = im.size, im.mode
+    except Image.DecompressionBombError:
+        raise ImageRefused(_too_big(None, None, max_pixels)) from None
+    except Exception:  # noqa: BLE001 - whatever Pillow cannot open is not an image for us
+        raise ImageRefused(NOT_AN_IMAGE) from None
+    if w * h > max_pixels:
+        raise ImageRefused(_too_big(w, h, max_pixels))
+    cost = w * h * (_STORAGE_BPP.get(mode, 4) + (0 if mode == "RGB" else 4))
+    if cost > max_bytes:
+        raise ImageRefused(
+            f"This photo ({w} × {h} pixels, {_mode_words(mode)}) needs too much memory for us "
+            "to process. Please upload a smaller photo, or save it as an ordinary JPEG first."
+        )
+
+
+def _too_big(w: int | None, h: int | None, max_pixels: int) -> str:
+    size = f" ({w} × {h} pixels)" if w else ""
+    return (
+        f"This photo is too large{size}. Please upload one of at most "
+        f"{max_pixels / 1e6:g} megapixels."
+    )
+
+
+def _mode_words(mode: str) -> str:
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return "16-bit or more per channel"
+    if "A" in mode or mode == "P":
+        return "with transparency" if "A" in mode else "palette colours"
+    return f"colour mode {mode}"
+
+
+_ORIENTATION = {
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
+}
+
+
+def normalise_image(path: str | Path, max_side: int = FEEDBACK_MAX_SIDE) -> bytes:
+    """The image as freshnet's ingest stores it: RGB JPEG (quality 90), EXIF orientation
+    applied, transparency on white, at most ``max_side`` pixels on its longer side. Shrinks
+    first, in the decoded mode, so no full-size copy is made (check_image bounds the decode)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.format == "JPEG":
+            im.draft(im.mode, (max_side, max_side))  # decode at a reduced DCT scale
+        im.seek(0)
+        im.load()
+        try:
+            orientation = _ORIENTATION.get(im.getexif().get(0x0112))
+        except Exception:  # noqa: BLE001 - a broken EXIF block should not lose the image
+            orientation = None
+        if im.mode == "1":
+            im = im.convert("L")
+        elif im.mode in ("P", "PA"):
+            alpha = im.mode == "PA" or "transparency" in im.info
+            im = im.convert("RGBA" if alpha else "RGB")
+        if max(im.size) > max_side:
+            scale = max_side / max(im.size)
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            im = im.resize(size, Image.Resampling.BOX)  # premultiplies alpha itself
+        if im.mode.startswith("I;16"):
+            im = im.point(lambda v: v / 256).convert("L")  # the high byte, not clipped at 255
+        if im.mode in ("LA", "PA", "La", "RGBa", "RGBA"):
+            rgba = im.convert("RGBA")
+            im = Image.new("RGB", rgba.size, (255, 255, 255))
+            im.paste(rgba, mask=rgba.getchannel("A"))
+        im = im.convert("RGB")
+        if orientation:
+            im = im.transpose(getattr(Image.Transpose, orientation))
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _probability(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and 0.0 <= value <= 1.0 else None
+
+
+def clean_probabilities(
+    predicted: Any, classes: list[str] | None = None, limit: int = MAX_PROBABILITIES
+) -> dict[str, float]:
+    """{label: probability} kept only for known classes (or short labels when none are known),
+    with values in [0, 1], best first, at most one per class and ``limit`` in all."""
+    if not isinstance(predicted, dict):
+        return {}
+    known = set(classes) if classes is not None else None
+    out: dict[str, float] = {}
+    for key, value in predicted.items():
+        p = _probability(value)
+        if p is None or not isinstance(key, str) or len(key) > MAX_TEXT:
+            continue
+        if known is not None and key not in known:
+            continue
+        out[key] = p
+        if len(out) >= 4 * limit:  # enough to pick the best from; the rest is not read
+            break
+    cap = min(limit, len(known)) if known is not None else limit
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:cap])
+
+
+class FeedbackSink:
+    """Writes corrections as <label>/<id>.jpg + <label>/<id>.json to a folder or s3://bucket/prefix.
+
+    Every field is bounded: the label must be one of ``classes`` (when given), probabilities are
+    kept for known classes only, text is cut to MAX_TEXT; the image is normalised and capped
+    like ingest's, so a record is a few hundred bytes and its image a few tens of KB.
+    """
+
+    def __init__(
+        self, where: str, classes: list[str] | None = None, max_side: int = FEEDBACK_MAX_SIDE
+    ):
         self.where = where
+        self.classes = list(classes) if classes is not None else None
+        self.max_side = max_side
 
     def write(self, image_path: str, label: str, predicted: dict[str, float], version: str) -> str:
-        from PIL import Image
-
+        if not isinstance(label, str) or not label or len(label) > MAX_TEXT:
+            raise ValueError("the label must be a short non-empty string")
+        if self.classes is not None and label not in self.classes:
+            raise ValueError(f"{label[:40]!r} is not one of the model's classes")
+        check_image(image_path)
+        data = normalise_image(image_path, self.max_side)
         fid = f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        with Image.open(image_path) as im:
-            buf = io.BytesIO()
-            im.convert("RGB").save(buf, "JPEG", quality=95)
+        probs = clean_probabilities(predicted, self.classes)
         record = {
             "id": fid,
             "label": label,
-            "predicted": next(iter(predicted), None),
-            "probabilities": predicted,
-            "model_version": version,
+            "predicted": next(iter(probs), None),
+            "probabilities": probs,
+            "model_version": str(version)[:MAX_TEXT],
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         meta = json.dumps(record, indent=1).encode()
@@ -193,13 +363,13 @@ class FeedbackSink:
             bucket, _, prefix = self.where[len("s3://") :].partition("/")
             base = f"{prefix.strip('/')}/{safe_label}/{fid}".lstrip("/")
             s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
-            s3.put_object(Bucket=bucket, Key=f"{base}.jpg", Body=buf.getvalue())
+            s3.put_object(Bucket=bucket, Key=f"{base}.jpg", Body=data)
             s3.put_object(Bucket=bucket, Key=f"{base}.json", Body=meta)
         else:
             folder = Path(self.where) / safe_label
             folder.mkdir(parents=True, exist_ok=True)
             # Image first, record last: a reader that sees the .json finds a complete pair.
-            (folder / f"{fid}.jpg").write_bytes(buf.getvalue())
+            (folder / f"{fid}.jpg").write_bytes(data)
             tmp = folder / f".{fid}.json.tmp"
             tmp.write_bytes(meta)
             tmp.replace(folder / f"{fid}.json")
@@ -224,37 +394,43 @@ def build_demo(bundle: Path = HERE, classifier: Classifier | None = None):
 
     meta = load_metadata(bundle)
     clf = classifier or Classifier(bundle / "model.pkl")
-    sink = FeedbackSink(os.environ.get("FRESHNET_FEEDBACK") or str(bundle / "feedback"))
+    sink = FeedbackSink(
+        os.environ.get("FRESHNET_FEEDBACK") or str(bundle / "feedback"), classes=clf.vocab
+    )
     title = meta.get("title") or "freshnet classifier"
     version = str(meta.get("version", "unknown"))
     lock = threading.Lock()
+    ttl = _env_int("FRESHNET_UPLOAD_TTL_S", UPLOAD_TTL_S)
 
+    @_user_errors(gr)
     def classify(path: str | None) -> dict[str, float]:
         if not path:
             raise gr.Error("Please upload a photo first.")
+        check_image(path)  # before any decoding: a small file can hold a huge image
         try:
             return clf.predict(path, top=5)
         except Exception as exc:  # PIL refuses anything that is not a readable image
             log.info("predict refused %s: %s", path, exc)
             raise gr.Error(NOT_AN_IMAGE) from None
 
+    @_user_errors(gr)
     def send_feedback(path: str | None, predicted: dict | None, label: str | None) -> str:
         if not path:
             return "Upload a photo first."
         if not label:
             return "Pick the correct label first."
-        # gr.Label hands its value back as {label: confidence}
-        probs = (
-            {str(k): float(v) for k, v in predicted.items()} if isinstance(predicted, dict) else {}
-        )
+        if label not in clf.vocab:
+            return "Pick one of the labels in the list."
+        # gr.Label hands its value back as {label: confidence}; the sink keeps known classes only.
         with lock:
-            sink.write(path, label, probs, version)
+            sink.write(path, label, predicted if isinstance(predicted, dict) else {}, version)
         return f"Thanks! Recorded **{label}** for the next training run."
 
     def metadata() -> dict[str, Any]:
         return meta
 
-    with gr.Blocks(title=title) as demo:
+    # Uploads (and Gradio's other temporary files) are deleted once older than the TTL.
+    with gr.Blocks(title=title, delete_cache=(max(1, min(60, ttl // 2)), ttl)) as demo:
         gr.Markdown(f"# {title}\n{meta.get('description', '')}")
         gr.Markdown(_describe(meta), elem_id="model-info")
         with gr.Row():
@@ -295,15 +471,43 @@ def build_demo(bundle: Path = HERE, classifier: Classifier | None = None):
     return demo
 
 
+def _user_errors(gr: Any) -> Any:
+    """What a user sees of a handler's errors: our friendly messages, Gradio's with any path
+    removed, and for anything else a plain apology (the details go to the server log)."""
+
+    def wrap(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def handler(*args: Any) -> Any:
+            try:
+                return fn(*args)
+            except ImageRefused as exc:
+                raise gr.Error(str(exc)) from None
+            except gr.Error as exc:
+                raise gr.Error(scrub(str(exc.message))) from None
+            except Exception:
+                log.exception("%s failed", fn.__name__)
+                raise gr.Error(SERVER_ERROR) from None
+
+        return handler
+
+    return wrap
+
+
 def _guard_image_preprocess(component: Any, gr: Any) -> None:
     """Turn Gradio's own decode failure on a non-image upload into a friendly message."""
     original = component.preprocess
 
     def preprocess(payload: Any) -> Any:
+        from PIL import Image
+
         try:
             return original(payload)
-        except gr.Error:
-            raise
+        except gr.Error as exc:
+            raise gr.Error(scrub(str(exc.message))) from None
+        except Image.DecompressionBombError:  # Gradio opens the header; Pillow's own cap
+            raise gr.Error(
+                _too_big(None, None, _env_int("FRESHNET_MAX_PIXELS", MAX_PIXELS))
+            ) from None
         except Exception:
             raise gr.Error(NOT_AN_IMAGE) from None
 
@@ -330,7 +534,9 @@ def main() -> None:
     demo.launch(
         max_file_size=f"{int(os.environ.get('FRESHNET_MAX_UPLOAD_MB', '10'))}mb",
         allowed_paths=[str(HERE / "examples")],
-        show_error=True,
+        # Unexpected exceptions show Gradio's plain "Error", never their text (paths, internals);
+        # our handlers raise gr.Error with messages meant for users (_user_errors).
+        show_error=False,
     )
 
 

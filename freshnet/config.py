@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import string
 import tomllib
+import typing
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -13,14 +17,51 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ENV_PREFIX = "FRESHNET_"
 
+# FRESHNET_* variables that are not config keys: read with os.environ by storage, the app, the
+# flows, the worker scripts, tests and benchmarks. Every other FRESHNET_* name must be a config
+# key (a mistyped override is an error, not silently ignored), so a new variable read anywhere
+# in the project must be added here (tests/test_config.py checks that).
+NON_CONFIG_ENV = frozenset(
+    {
+        "FRESHNET_ALLOW_WEIGHT_DOWNLOAD",  # freshnet/train.py: may download pretrained weights
+        "FRESHNET_APP_DIR",  # freshnet/space.py: the app folder pushed to the Space
+        "FRESHNET_BENCH_MODEL",  # benchmarks/app_latency.py
+        "FRESHNET_CACHE",  # freshnet/cycle.py: local cache folder
+        "FRESHNET_COMPILE",  # app/app.py
+        "FRESHNET_CONCURRENCY",  # app/app.py
+        "FRESHNET_FEEDBACK",  # app/app.py: feedback sink
+        "FRESHNET_GIT_URL",  # prefect.yaml pull step (infra/README.md)
+        "FRESHNET_MAX_DECODE_MB",  # app/app.py
+        "FRESHNET_MAX_PIXELS",  # app/app.py
+        "FRESHNET_MAX_UPLOAD_MB",  # app/app.py
+        "FRESHNET_NOTIFY_WEBHOOK_URL",  # infra/bootstrap.py
+        "FRESHNET_PROJECT_DIR",  # prefect.yaml, infra/worker.sh
+        "FRESHNET_QUEUE_SIZE",  # app/app.py
+        "FRESHNET_S3_ADDRESSING_STYLE",  # freshnet/storage.py
+        "FRESHNET_S3_ENDPOINT_URL",  # freshnet/storage.py
+        "FRESHNET_S3_MAX_ATTEMPTS",  # freshnet/storage.py
+        "FRESHNET_S3_PUBLIC_ENDPOINT_URL",  # freshnet/storage.py: presigned URLs for browsers
+        "FRESHNET_S3_REGION",  # freshnet/storage.py
+        "FRESHNET_S3_TIMEOUT_S",  # freshnet/storage.py
+        "FRESHNET_SHARED_DATA",  # tests and benchmarks: the shared photo folder
+        "FRESHNET_SPACE_TEST_MODEL",  # tests/space_helpers.py
+        "FRESHNET_TORCH_THREADS",  # app/app.py
+        "FRESHNET_UPLOAD_TTL_S",  # app/app.py
+        "FRESHNET_VENV",  # infra/worker.sh, infra/Dockerfile.gpu-worker
+        "FRESHNET_WEBHOOK_URL",  # flows/hooks.py: failure notifications
+        "FRESHNET_WORKER_NAME",  # infra/worker.sh
+    }
+)
+
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the key, the value and what is allowed."""
 
 
 class _Section(BaseModel):
-    # Unknown keys are errors: a typo must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors: a typo must not silently fall back to a default. inf and nan are
+    # never a sensible timeout, threshold or rate, and would pass every ge/le bound check.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SourceConfig(_Section):
@@ -66,6 +107,9 @@ class ImagesConfig(_Section):
     max_side: int = Field(400, ge=32, le=4096)
     min_side: int = Field(64, ge=1)
     max_pixels: int = Field(64_000_000, ge=10_000)  # decompression-bomb cap
+    # Memory one image may need to decode, by bytes per pixel of its mode (a 16-bit or RGBA
+    # image under max_pixels can still need gigabytes).
+    max_decode_mb: int = Field(256, ge=16, le=16_384)
     jpeg_quality: int = Field(90, ge=30, le=100)
 
 
@@ -98,6 +142,10 @@ class DatasetConfig(_Section):
     min_holdout_per_class: int = Field(10, ge=1)
     max_imbalance: float = Field(5.0, ge=1)
     min_new_images: int = Field(1, ge=0)  # fewer new images than this: skip training
+    # A night whose yield collapses ends Failed (named Degraded; its results are kept) and
+    # notifies: more than this share of its searches failed, or of its downloads were rejected.
+    max_failed_searches: float = Field(0.5, ge=0, le=1)
+    max_rejected_downloads: float = Field(0.5, ge=0, le=1)
 
 
 class LabelCheckConfig(_Section):
@@ -162,9 +210,20 @@ class SpaceConfig(_Section):
     feedback_dir: str = ".freshnet/feedback"
     # Added by the space helper:
     wait_timeout_s: float = Field(900.0, gt=0)  # hf: how long to wait for RUNNING
-    hf_token_secret: str | None = None  # Prefect Secret block holding the HF token (else HF_TOKEN)
+    # The Prefect Secret block infra/bootstrap.py creates; HF_TOKEN is used when it does not exist.
+    hf_token_secret: str | None = "hf-token"
     serve_port: int = Field(7860, ge=1, le=65535)  # `freshnet serve` / `make app`
     serve_poll_s: float = Field(2.0, gt=0)  # how often `freshnet serve` looks for a new commit
+
+
+class FeedbackConfig(_Section):
+    """The app's corrections (space.feedback_dir): bounded intake, reviewed before training."""
+
+    max_per_night: int = Field(200, ge=0, le=100_000)  # records read per night; 0 = none
+    # Accepted feedback is at most this share of each class's train and of its holdout rows.
+    max_share: float = Field(0.1, ge=0, le=1)
+    max_record_bytes: int = Field(16_384, ge=512, le=1_000_000)  # one record's JSON
+    max_image_bytes: int = Field(10_000_000, ge=1024, le=100_000_000)
 
 
 class PrefectConfig(_Section):
@@ -188,23 +247,40 @@ class Config(_Section):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     prefect: PrefectConfig = Field(default_factory=PrefectConfig)
+    feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
 
     @field_validator("classes")
     @classmethod
     def _classes_distinct(cls, v: list[str]) -> list[str]:
+        # Labels become folder names (folder source, feedback, quarantine, the app's examples):
+        # each must be one safe path component, and two labels must not share a folder on a
+        # case-insensitive filesystem (macOS, Windows).
         cleaned = [c.strip() for c in v]
-        if any(not c for c in cleaned):
-            raise ValueError("class names must not be empty")
-        if len(set(cleaned)) != len(cleaned):
-            raise ValueError(f"class names must be distinct, got {cleaned}")
+        for c in cleaned:
+            problem = _label_problem(c)
+            if problem:
+                raise ValueError(f"class name {c!r} {problem}; {LABEL_RULE}")
+        seen: dict[str, str] = {}
+        for c in cleaned:
+            folded = unicodedata.normalize("NFC", c).casefold()
+            if folded in seen:
+                raise ValueError(
+                    f"class names must be distinct ignoring case, got {seen[folded]!r} and {c!r} "
+                    "(they would share one folder)"
+                )
+            seen[folded] = c
         return cleaned
 
     @field_validator("queries")
     @classmethod
     def _queries_have_label(cls, v: list[str]) -> list[str]:
         for q in v:
-            if "{label}" not in q:
-                raise ValueError(f"every query must contain '{{label}}', got {q!r}")
+            problem = _template_problem(q)
+            if problem:
+                raise ValueError(
+                    f"query {q!r} {problem}; a query is a template with {{label}} for the class "
+                    "name and {{ }} for literal braces, e.g. 'photo {label}'"
+                )
         return v
 
     @field_validator("storage")
@@ -222,6 +298,48 @@ class Config(_Section):
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+LABEL_RULE = (
+    "allowed: a non-empty name of at most 100 characters without '/', '\\', '..', control "
+    "characters or a leading '.'"
+)
+
+
+def _label_problem(label: str) -> str | None:
+    """Why ``label`` cannot be a folder name (None when it can)."""
+    if not label:
+        return "is empty"
+    if len(label) > 100:
+        return "is longer than 100 characters"
+    if "/" in label or "\\" in label:
+        return "contains a path separator"
+    if ".." in label:
+        return "contains '..'"
+    if label.startswith("."):
+        return "starts with '.' (a hidden folder)"
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in label):
+        return "contains a control character"
+    return None
+
+
+def _template_problem(query: str) -> str | None:
+    """Why ``query`` fails as a search template (None when ``query.format(label=...)`` works)."""
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(query) if f is not None}
+        query.format(label="x")
+    except KeyError as exc:
+        return f"has an unknown placeholder {{{exc.args[0]}}}"
+    except IndexError:
+        return "has a positional placeholder ({} or {0})"
+    except (ValueError, AttributeError, TypeError) as exc:
+        return f"is not a valid template ({exc})"
+    odd = sorted(f for f in fields if f != "label")
+    if odd:  # {label.upper} or {label[0]} format without error but are never what was meant
+        return f"has a placeholder {{{odd[0]}}} (only {{label}} is allowed)"
+    if "label" not in fields:
+        return "does not contain {label}"
+    return None
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -253,16 +371,56 @@ def _set_path(data: dict[str, Any], path: list[str], raw: str) -> None:
     node[path[-1]] = value
 
 
+def _env_names(model: type[BaseModel], path: tuple[str, ...] = ()) -> list[str]:
+    """Every override name the model accepts: one per section and per key."""
+    names = []
+    for key, field in model.model_fields.items():
+        here = (*path, key)
+        names.append(ENV_PREFIX + "__".join(here).upper())
+        ann = field.annotation
+        for t in (ann, *typing.get_args(ann)):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                names += _env_names(t, here)
+    return names
+
+
+def config_env_names() -> list[str]:
+    """The FRESHNET_<SECTION>__<KEY> names that override config keys."""
+    return _env_names(Config)
+
+
 def apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """Apply FRESHNET_SECTION__KEY=value overrides (double underscore separates levels)."""
-    sections = set(Config.model_fields)
+    """Apply FRESHNET_SECTION__KEY=value overrides (double underscore separates levels).
+
+    A FRESHNET_* name that is neither a config key nor in NON_CONFIG_ENV is an error naming the
+    nearest known name: a mistyped override must not leave the default in place unnoticed.
+    """
+    known = set(config_env_names())
+    unknown = []
     for name, raw in sorted(env.items()):
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in NON_CONFIG_ENV:
+            continue
+        if name.upper() not in known:
+            unknown.append(name)
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
-        if path[0] not in sections:
-            continue  # other FRESHNET_* variables (e.g. FRESHNET_HOME) are not config keys
         _set_path(data, path, raw)
+    if unknown:
+        # Compared without the shared prefix, which would make every name look close.
+        n = len(ENV_PREFIX)
+        candidates = sorted(c[n:] for c in known | NON_CONFIG_ENV)
+        lines = []
+        for name in unknown:
+            near = difflib.get_close_matches(name[n:].upper(), candidates, n=1, cutoff=0.6)
+            hint = f"; did you mean {ENV_PREFIX}{near[0]}?" if near else ""
+            lines.append(f"  - {name}: not a config key{hint}")
+        raise ConfigError(
+            "unknown FRESHNET_* environment variable(s):\n"
+            + "\n".join(lines)
+            + "\n  config overrides are FRESHNET_<SECTION>__<KEY> (e.g. FRESHNET_TRAIN__EPOCHS);"
+            " other FRESHNET_* variables freshnet reads are listed in"
+            " freshnet/config.py NON_CONFIG_ENV"
+        )
     return data
 
 

@@ -55,7 +55,8 @@ EXTRA_COLUMNS = ["dhash", "width", "height"]
 ALL_COLUMNS = CATALOG_COLUMNS + EXTRA_COLUMNS
 # A snapshot row is a catalog row without the fields only curation needs.
 SNAPSHOT_COLUMNS = [c for c in CATALOG_COLUMNS if c not in ("orig_sha256", "note")]
-STATUSES = ("ok", "label_conflict", "split_conflict", "noisy_label", "dropped")
+# "feedback": a correction from the app, out of every snapshot until reviewed (freshnet/feedback.py).
+STATUSES = ("ok", "label_conflict", "split_conflict", "noisy_label", "dropped", "feedback")
 QUARANTINE_STATUSES = ("label_conflict", "split_conflict", "noisy_label")
 POINTER = "catalog"
 DECISIONS_KEY = "quarantine/decisions.json"
@@ -368,7 +369,8 @@ def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> 
                 # The same photo under two labels: the labels are unreliable, not guessed.
                 g = groups[hit]
                 labs = {labels[r] for r in members[g]} | {label}
-                mark_conflict(members[g], labs)
+                if o["source"] != "feedback":  # unreviewed feedback only reports the dispute
+                    mark_conflict(members[g], labs)
                 counts[label]["quarantined"] += 1
                 conflicts.append(
                     {
@@ -384,7 +386,8 @@ def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> 
         j = batch_of.get(sha, batch_of.get(o["orig_sha256"] or "", None))
         if j is not None:
             if pending[j]["label"] != label:
-                batch_conflicts[j].add(label)
+                if o["source"] != "feedback":  # unreviewed feedback only reports the dispute
+                    batch_conflicts[j].add(label)
                 counts[label]["quarantined"] += 1
                 conflicts.append(
                     {
@@ -449,7 +452,8 @@ def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> 
 
     new_group = [""] * n
     new_split = [""] * n
-    new_status = ["ok"] * n
+    # Corrections from the app wait for review instead of joining train/holdout at once.
+    new_status = ["feedback" if o["source"] == "feedback" else "ok" for o in pending]
     new_note = [""] * n
     alias: dict[str, str] = {}  # existing group merged tonight -> the group it joined
 
@@ -497,16 +501,22 @@ def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> 
             split = split_for_group(gid, dcfg.split_salt, dcfg.holdout_fraction)
         group_split[gid] = split
         existing = members.get(gid, [])
-        all_labels = comp_labels | {
+        # Unreviewed feedback never takes other images out of the dataset: only trusted labels
+        # (web, reviewed) make a conflict for them; a feedback image sees every label.
+        trusted = {
             labels[r] for r in existing if status[r] in ("ok", "label_conflict", "noisy_label")
         }
+        trusted |= {pending[i]["label"] for i in comp if pending[i]["source"] != "feedback"}
+        trusted |= set().union(*(batch_conflicts.get(i, set()) for i in comp))
+        all_labels = comp_labels | trusted | {labels[r] for r in existing if status[r] == "feedback"}
         dropped_only = bool(existing) and all(status[r] == "dropped" for r in existing)
         for pos, i in enumerate(sorted(comp)):
             o = pending[i]
             new_group[i], new_split[i] = gid, split
-            if len(all_labels) > 1:
+            seen_labels = all_labels if o["source"] == "feedback" else trusted
+            if len(seen_labels) > 1:
                 new_status[i] = "label_conflict"
-                new_note[i] = "labels: " + ", ".join(sorted(all_labels))
+                new_note[i] = "labels: " + ", ".join(sorted(seen_labels))
                 counts[o["label"]]["quarantined"] += 1
                 conflicts.append(
                     {
@@ -526,8 +536,8 @@ def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> 
                 counts[o["label"]]["near_duplicate"] += 1
             else:
                 counts[o["label"]]["new"] += 1
-        if len(all_labels) > 1:
-            mark_conflict(existing, all_labels)
+        if len(trusted) > 1:
+            mark_conflict(existing, trusted)
 
     df["status"], df["note"], df["group"] = status, notes, groups
     new_rows = pd.DataFrame(
@@ -616,7 +626,16 @@ def snapshot_id(manifest: pd.DataFrame) -> str:
 def make_snapshot(store: Storage, cfg: Config) -> Snapshot:
     """Immutable manifest of the status-ok images of cfg.classes, named by its content hash."""
     df = load_catalog(store)
+    from .feedback import cap_share
+
     m = df[(df["status"] == "ok") & df["label"].isin(cfg.classes)][SNAPSHOT_COLUMNS]
+    m, waiting = cap_share(m, cfg.feedback.max_share)
+    if waiting:
+        log.info(
+            "snapshot: %d accepted feedback image(s) wait (feedback.max_share %g)",
+            waiting,
+            cfg.feedback.max_share,
+        )
     m = m.sort_values("sha256").reset_index(drop=True).astype(str)
     sid = snapshot_id(m)
     key = f"snapshots/{sid}.parquet"

@@ -4,7 +4,9 @@ Every candidate ends as one ``Outcome``: ``accepted`` or a reason code (see down
 images.py, plus ``duplicate_url``, ``bad_url``, ``missing_file`` and ``normalizer_crashed``).
 Images are written with ``put_if_absent`` at ``images/<sha[:2]>/<sha>.jpg``, so nothing stored
 earlier is ever overwritten. Memory stays bounded: at most ``2 * download.concurrency`` raw bodies
-exist at any time, whatever the number of candidates.
+exist at any time, whatever the number of candidates, and the images being decoded at once never
+need more than one decode budget together (``images.decode_budget``), whatever the number of
+workers: each image's cost is read from its header before it goes to a worker.
 """
 
 from __future__ import annotations
@@ -16,13 +18,23 @@ import multiprocessing
 import os
 import sys
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from freshnet.config import Config, ImagesConfig
 from freshnet.download import Downloader, normalize_url
-from freshnet.images import ImageRejected, Normalized, image_key, normalize
+from freshnet.feedback import is_stored_image, read_stored_image
+from freshnet.images import (
+    ImageRejected,
+    Normalized,
+    decode_budget,
+    header_cost,
+    image_key,
+    normalize,
+)
 from freshnet.sources import Candidate
 from freshnet.storage import FileStorage, Storage
 
@@ -90,6 +102,42 @@ def _normalize_job(
     wrote = store.put_if_absent(image_key(result.sha256), result.data)
     result.data = b""
     return result, wrote
+
+
+class _DecodeBudget:
+    """Bytes of decoding memory in flight across all workers, granted first come, first served
+    (so a large image is not starved by a stream of small ones)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.used = 0
+        self.waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    async def acquire(self, n: int) -> int:
+        if n > self.total or n <= 0:
+            return 0  # the worker rejects it from the header without decoding: nothing to hold
+        if not self.waiters and self.used + n <= self.total:
+            self.used += n
+            return n
+        fut = asyncio.get_running_loop().create_future()
+        entry = (n, fut)
+        self.waiters.append(entry)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(n)  # granted just as we were cancelled
+            else:
+                self.waiters.remove(entry)
+            raise
+        return n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        while self.waiters and self.used + self.waiters[0][0] <= self.total:
+            n0, fut = self.waiters.popleft()
+            self.used += n0
+            fut.set_result(None)
 
 
 def _read_local(path: Path, max_bytes: int) -> tuple[str, str, bytes | None]:
@@ -174,7 +222,8 @@ async def _ingest_async(
     jobs: list[tuple[int, str]] = []
     for i, c in enumerate(candidates):
         try:
-            url = normalize_url(c.url)
+            # Feedback kept in S3 is read through the S3 API, not fetched over HTTP.
+            url = c.url if is_stored_image(c.url, c.source) else normalize_url(c.url)
         except ValueError as exc:
             done(i, "bad_url", str(exc))
             continue
@@ -194,13 +243,16 @@ async def _ingest_async(
     workers = cfg.download.workers or os.cpu_count() or 1
     pool = _Pool(len(jobs), workers)
     images_cfg = cfg.images
+    budget = _DecodeBudget(decode_budget(images_cfg))
     max_bytes = cfg.download.max_bytes
     # Workers write to file storage themselves; other backends are written from here.
     store_root = str(store.root) if type(store) is FileStorage else None
 
     async def handle(dl: Downloader, i: int, url: str) -> None:
         c = candidates[i]
-        if url.startswith("file://"):
+        if is_stored_image(url, c.source):
+            status, detail, data = await asyncio.to_thread(read_stored_image, url, max_bytes)
+        elif url.startswith("file://"):
             if c.source not in ("folder", "feedback"):
                 done(i, "bad_url", "file:// URLs are read only for the folder and feedback sources")
                 return
@@ -213,7 +265,11 @@ async def _ingest_async(
         if status != "ok" or data is None:
             done(i, status, detail)
             return
-        result, wrote = await pool.run(data, images_cfg, store_root)
+        held = await budget.acquire(header_cost(data, images_cfg.max_side))
+        try:
+            result, wrote = await pool.run(data, images_cfg, store_root)
+        finally:
+            budget.release(held)
         del data
         if isinstance(result, ImageRejected):
             done(i, result.reason, result.detail)
@@ -249,10 +305,29 @@ async def _ingest_async(
     return outcomes  # type: ignore[return-value]
 
 
+class _Reporting:
+    """The progress bar, also reporting each step to a callback (e.g. the Prefect UI)."""
+
+    def __init__(self, bar: Any, total: int, report: Callable[[int, int], None]) -> None:
+        self.bar, self.total, self.report, self.done = bar, total, report, 0
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        self.report(self.done, self.total)
+
+
 def ingest(
-    candidates: list[Candidate], cfg: Config, store: Storage, progress: bool = True
+    candidates: list[Candidate],
+    cfg: Config,
+    store: Storage,
+    progress: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> list[Outcome]:
-    """Download, validate, normalize and store every candidate; one Outcome per candidate, in order."""
+    """Download, validate, normalize and store every candidate; one Outcome per candidate, in order.
+
+    ``progress`` shows a terminal bar; ``on_progress(done, total)`` is called as each one ends.
+    """
     from tqdm import tqdm
 
     with tqdm(
@@ -263,7 +338,8 @@ def ingest(
         disable=not progress,
         mininterval=0.5,
     ) as bar:
-        coro_args = (list(candidates), cfg, store, bar)
+        counter = bar if on_progress is None else _Reporting(bar, len(candidates), on_progress)
+        coro_args = (list(candidates), cfg, store, counter)
         try:
             asyncio.get_running_loop()
         except RuntimeError:

@@ -14,14 +14,44 @@ if TYPE_CHECKING:
 # Float noise must not turn an exact tie into a regression.
 EPS = 1e-9
 
+PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
+STATUSES = (PASS, FAIL, NOT_RUN)
+
 
 @dataclass
 class Rule:
+    """One rule of the decision. ``status`` is pass, fail or "not run" (never evaluated tonight).
+
+    ``passed`` is True only for pass, so a rule that did not run can never read as passed.
+    """
+
     name: str
     value: Any
     threshold: Any
     passed: bool
     detail: str
+    status: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.status:  # entries written before the tri-state had only ``passed``
+            self.status = PASS if self.passed else FAIL
+        if self.status not in STATUSES:
+            raise ValueError(
+                f"rule {self.name}: status must be one of {STATUSES}, got {self.status!r}"
+            )
+        self.passed = self.status == PASS
+
+
+def not_run(name: str, threshold: Any, detail: str) -> Rule:
+    return Rule(name, None, threshold, False, detail, NOT_RUN)
+
+
+def rule_status(rule: dict[str, Any]) -> str:
+    """pass / fail / not run of a rule stored as a dict (older dicts carry only ``passed``)."""
+    status = rule.get("status")
+    if status in STATUSES:
+        return status
+    return PASS if rule.get("passed") else FAIL
 
 
 @dataclass
@@ -43,14 +73,17 @@ class Decision:
         )
 
     def failed(self) -> list[Rule]:
-        return [r for r in self.rules if not r.passed]
+        return [r for r in self.rules if r.status == FAIL]
 
     def to_markdown(self) -> str:
         verdict = "**PROMOTE**" if self.promote else "**KEEP CHAMPION**"
-        lines = [f"Decision: {verdict} — {self.summary}", ""]
-        lines += ["| rule | value | threshold | verdict | detail |", "|---|---|---|---|---|"]
+        return f"Decision: {verdict} — {self.summary}\n\n" + self.rules_markdown()
+
+    def rules_markdown(self) -> str:
+        """The rules as a markdown table (value, threshold, verdict, detail), then the notes."""
+        lines = ["| rule | value | threshold | verdict | detail |", "|---|---|---|---|---|"]
         for r in self.rules:
-            mark = "pass" if r.passed else "FAIL"
+            mark = {PASS: "pass", FAIL: "**FAIL**", NOT_RUN: "not run"}[r.status]
             lines.append(
                 f"| {r.name} | {_fmt(r.value)} | {_fmt(r.threshold)} | {mark} | {_cell(r.detail)} |"
             )
@@ -81,20 +114,15 @@ def decide(
     comparison: Comparison | None,
     policy: PolicyConfig,
     bundle_error: str | None = None,
+    bundle_checked: bool = False,
 ) -> Decision:
-    """Promote only when every rule passes; every rule is listed with its value and verdict."""
-    rules: list[Rule] = []
-    notes: list[str] = []
-    rules.append(
-        Rule(
-            "bundle",
-            "ok" if bundle_error is None else "broken",
-            "loads and predicts canaries",
-            bundle_error is None,
-            "bundle validated in a clean process" if bundle_error is None else bundle_error,
-        )
-    )
-    rules.append(
+    """Promote only when no rule fails; every rule is listed with its value and verdict.
+
+    The bundle is built and checked only for a challenger that passed the other rules, so before
+    that (``bundle_checked`` False and no ``bundle_error``) its rule is "not run", never "pass".
+    Without a champion the comparison rules are listed as "not run" too.
+    """
+    rules: list[Rule] = [
         Rule(
             "accuracy_floor",
             challenger.accuracy,
@@ -102,7 +130,8 @@ def decide(
             challenger.accuracy + EPS >= policy.accuracy_floor,
             f"challenger holdout accuracy on {challenger.n} images",
         )
-    )
+    ]
+    notes: list[str] = []
     first_run = champion is None
     if first_run:
         rules.append(
@@ -116,13 +145,41 @@ def decide(
                 else "no champion yet and bootstrap_first is off: promote manually",
             )
         )
+        for name, threshold in (
+            ("paired_rows", "> 0"),
+            ("improvement", policy.min_improvement),
+            ("significance", policy.significance),
+            ("class_recall_drop", policy.max_recall_drop),
+        ):
+            rules.append(not_run(name, threshold, "no champion to compare with"))
     else:
         if comparison is None:
             comparison = compare(champion, challenger, resamples=policy.bootstrap_resamples)
         rules += _comparison_rules(challenger, champion, comparison, policy)
         if comparison.note:
             notes.append(comparison.note)
-    failed = [r.name for r in rules if not r.passed]
+    others_fail = any(r.status == FAIL for r in rules)
+    if bundle_error is not None:
+        bundle = Rule("bundle", "broken", "loads and predicts canaries", False, bundle_error)
+    elif bundle_checked:
+        bundle = Rule(
+            "bundle",
+            "ok",
+            "loads and predicts canaries",
+            True,
+            "bundle validated in a clean process",
+        )
+    else:
+        bundle = not_run(
+            "bundle",
+            "loads and predicts canaries",
+            "no bundle built: the challenger failed another rule"
+            if others_fail
+            else "not built yet: the bundle is built and checked in a clean process next, "
+            "before anything is published",
+        )
+    rules.insert(0, bundle)
+    failed = [r.name for r in rules if r.status == FAIL]
     promote = not failed
     if promote:
         summary = (
@@ -130,6 +187,8 @@ def decide(
             if first_run
             else "challenger is at least as good on every rule"
         )
+        if bundle.status == NOT_RUN:
+            summary += " (the bundle check comes next)"
     else:
         summary = "failed: " + ", ".join(failed)
     return Decision(promote, rules, summary, first_run, notes)
@@ -165,8 +224,9 @@ def _comparison_rules(
                 "significance",
                 cmp.mcnemar_p,
                 None,
-                True,
-                f"not required (McNemar b={cmp.b}, c={cmp.c})",
+                False,
+                f"not required (policy.significance unset); McNemar b={cmp.b}, c={cmp.c}",
+                NOT_RUN,
             )
         )
     else:
@@ -223,16 +283,42 @@ def _comparison_rules(
     return rules
 
 
+def paired_counts(cmp: Comparison) -> dict[str, int]:
+    """The 2×2 table of the paired rows: who was right on each holdout image."""
+    champ_right = round(cmp.champion_accuracy * cmp.n)
+    both = champ_right - cmp.b
+    return {
+        "both right": both,
+        "champion only": cmp.b,
+        "challenger only": cmp.c,
+        "both wrong": cmp.n - both - cmp.b - cmp.c,
+    }
+
+
+def confusion_markdown(ev: Evaluation) -> str:
+    """The confusion matrix as a markdown table: one row per actual class, one column per prediction."""
+    head = "| actual ↓ / predicted → | " + " | ".join(_cell(lab) for lab in ev.labels) + " |"
+    lines = [head, "|---" * (len(ev.labels) + 1) + "|"]
+    for i, (lab, row) in enumerate(zip(ev.labels, ev.confusion, strict=True)):
+        # The diagonal (right answers) in bold, so the errors stand out around it.
+        cells = [f"**{n}**" if i == j else str(n) for j, n in enumerate(row)]
+        lines.append(f"| {_cell(lab)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def decision_report(
     decision: Decision,
     challenger: Evaluation,
     champion: Evaluation | None,
     comparison: Comparison | None,
-    confusion_png_name: str | None,
+    confusion_url: str | None = None,
 ) -> str:
-    """Markdown: champion vs challenger, Δ with CI, p-value, per-class table, confusion matrix, rules."""
+    """Markdown: verdict, rules, champion vs challenger with the paired numbers, per-class table,
+    and the confusion matrix as a table (and as an image when ``confusion_url`` is one a browser
+    can load: the report is read in the Prefect UI, where a relative path shows nothing)."""
     verdict = "PROMOTE" if decision.promote else "KEEP CHAMPION"
     out = [f"# Decision for {challenger.version}: {verdict}", "", decision.summary, ""]
+    out += ["## Rules", "", decision.rules_markdown()]
     out += ["## Champion vs challenger", ""]
     if champion is None:
         out += [f"No champion yet (first run). Challenger `{challenger.version}`: "
@@ -244,6 +330,11 @@ def decision_report(
             f"| holdout accuracy (all rows) | {champion.accuracy:.4f} | {challenger.accuracy:.4f} |"
         )
         out.append(f"| holdout images | {champion.n} | {challenger.n} |")
+        if comparison is not None and comparison.n:
+            out.append(
+                f"| accuracy on the {comparison.n} paired images | "
+                f"{comparison.champion_accuracy:.4f} | {comparison.challenger_accuracy:.4f} |"
+            )
         out.append("")
         if comparison is not None:
             out.append(
@@ -253,6 +344,8 @@ def decision_report(
                 f"exact McNemar p = **{comparison.mcnemar_p:.4g}** "
                 f"(champion-only correct b = {comparison.b}, challenger-only correct c = {comparison.c})."
             )
+            out += ["", "| paired images | count |", "|---|---|"]
+            out += [f"| {k} | {v} |" for k, v in paired_counts(comparison).items()]
             if comparison.note:
                 out += ["", f"Note: {comparison.note}"]
             out.append("")
@@ -277,13 +370,8 @@ def decision_report(
             cr = f"{cp['recall']:.3f}" if cp else "—"
             d = f"{ch['recall'] - cp['recall']:+.3f}" if ch and cp else "—"
             out.append(f"| {_cell(lab)} | {support} | {cr} | {p} | {r} | {f1} | {d} |")
-    out.append("")
-    if confusion_png_name:
-        out += [
-            "## Confusion matrix (challenger)",
-            "",
-            f"![confusion matrix]({confusion_png_name})",
-            "",
-        ]
-    out += ["## Rules", "", decision.to_markdown()]
+    out += ["", f"## Confusion matrix (challenger `{challenger.version}`)", ""]
+    out += [confusion_markdown(challenger), ""]
+    if confusion_url:
+        out += [f"![confusion matrix of {challenger.version}]({confusion_url})", ""]
     return "\n".join(out)

@@ -84,7 +84,9 @@ class SpaceRunner:
             "PYTHONDONTWRITEBYTECODE": "1",
         }
         if self.feedback_dir:
-            env["FRESHNET_FEEDBACK"] = str(Path(self.feedback_dir).resolve())
+            fd = self.feedback_dir
+            # s3://bucket/prefix is passed as-is; a folder as an absolute path (the app's cwd differs).
+            env["FRESHNET_FEEDBACK"] = fd if fd.startswith("s3://") else str(Path(fd).resolve())
         log_file = open(folder.parent / f"{folder.name}.log", "ab")  # noqa: SIM115 (child owns it)
         proc = subprocess.Popen(
             [self.python, "app.py"], cwd=folder, env=env, stdout=log_file, stderr=subprocess.STDOUT

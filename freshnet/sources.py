@@ -1,4 +1,5 @@
-"""Where candidate image URLs come from: duckduckgo (ddgs), urls (CSV/JSONL), folder, demo."""
+"""Where candidate image URLs come from: duckduckgo (ddgs), urls (CSV/JSONL), folder, demo;
+the app's corrections (feedback) are read by freshnet/feedback.py."""
 
 from __future__ import annotations
 
@@ -64,9 +65,11 @@ def search(
     cfg: Config, night: str, *, ddgs_factory: Callable[[], Any] | None = None
 ) -> SearchReport:
     """Candidates for every class of ``cfg`` on ``night``, from cfg.source.kind."""
+    from freshnet import feedback
+
     kind = cfg.source.kind
     if kind == "feedback":
-        return search_feedback(cfg)
+        return feedback.search(cfg, night, required=True)
     if kind == "demo":
         report = search_demo(cfg, night)
     elif kind == "urls":
@@ -80,10 +83,11 @@ def search(
             f"source.kind {kind!r} is not a search source "
             "(allowed: demo, urls, folder, duckduckgo, feedback)"
         )
-    # Corrections people sent from the app join every night, whatever the main source.
-    extra = search_feedback(cfg, required=False)
+    # Corrections people sent from the app join every night, whatever the main source, as
+    # images waiting for review (freshnet/feedback.py).
+    extra = feedback.search(cfg, night)
     report.candidates.extend(extra.candidates)
-    report.failures.extend(f for f in extra.failures if f["query"] == "feedback")
+    report.failures.extend(extra.failures)
     return report
 
 
@@ -217,52 +221,6 @@ def search_folder(cfg: Config) -> SearchReport:
             failures.append({"label": label, "query": str(folder), "reason": "folder empty"})
         candidates.extend(Candidate(label, p.as_uri(), f"folder:{label}", "folder") for p in files)
     return _finish(cfg, candidates, failures)
-
-
-# ---------------------------------------------------------------- feedback
-
-
-def search_feedback(cfg: Config, required: bool = True) -> SearchReport:
-    """Corrections from the app's "wrong label?" box: <dir>/<label>/<id>.jpg + <id>.json.
-
-    The folder is ``source.path`` when the feedback source is the main source, else
-    ``space.feedback_dir``; only pairs whose record is complete (the .json is written last)
-    and whose label is a configured class are taken.
-    """
-    where = cfg.source.path if cfg.source.kind == "feedback" and cfg.source.path else None
-    root = Path(where or cfg.space.feedback_dir).expanduser().resolve()
-    if not root.is_dir():
-        if required:
-            raise SourceError(f"{root}: feedback folder does not exist")
-        return SearchReport([], [], [])
-    candidates: list[Candidate] = []
-    failures: list[dict] = []
-    for record in sorted(root.glob("*/*.json")):
-        image = record.with_suffix(".jpg")
-        try:
-            label = json.loads(record.read_text())["label"]
-        except (OSError, ValueError, KeyError) as exc:
-            failures.append(
-                {
-                    "label": record.parent.name,
-                    "query": "feedback",
-                    "reason": f"{record}: unreadable feedback record ({exc})",
-                }
-            )
-            continue
-        if label not in cfg.classes:
-            failures.append(
-                {
-                    "label": label,
-                    "query": "feedback",
-                    "reason": f"{record}: label is not a configured class",
-                }
-            )
-        elif image.is_file():
-            candidates.append(Candidate(label, image.as_uri(), "feedback", "feedback"))
-    if required:
-        return _finish(cfg, candidates, failures)
-    return SearchReport(candidates, failures, [])
 
 
 # ---------------------------------------------------------------- duckduckgo

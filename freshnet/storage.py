@@ -1,12 +1,15 @@
 """Storage: a small key/value contract with atomic writes, put-if-absent and a compare-and-swap pointer.
 
 Keys are '/'-separated relative paths ("images/ab/abcd.jpg"). Two backends implement it:
-``file://`` (embedded default) and ``s3://`` (boto3, endpoint configurable).
+``file://`` (embedded default) and ``s3://`` (boto3, endpoint configurable). Keys under
+``_pointers/`` and ``_tmp/`` belong to the storage: put/delete refuse them (ReservedKey) and
+list() never shows them; pointers change only through ``swap_pointer``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -39,6 +42,34 @@ def check_key(key: str) -> str:
     ):
         raise ValueError(
             f"invalid storage key {key!r}: use a relative path like 'images/ab/cd.jpg'"
+        )
+    return key
+
+
+# Top-level folders that belong to the storage itself, never to a caller's put/delete:
+# pointers change only by compare-and-swap (a plain put could tear the champion or a lease),
+# and _tmp holds FileStorage's in-flight writes.
+POINTERS_DIR = "_pointers"
+TEMP_DIR = "_tmp"
+RESERVED = (POINTERS_DIR, TEMP_DIR)
+
+
+class ReservedKey(ValueError):
+    """A put/delete aimed at a key the storage reserves for itself (pointers, temp files)."""
+
+
+def check_writable_key(key: str) -> str:
+    """``check_key`` plus: the key is not under a reserved folder."""
+    top = check_key(key).split("/", 1)[0]
+    if top == POINTERS_DIR:
+        raise ReservedKey(
+            f"storage key {key!r} is a pointer: pointers change only through "
+            "swap_pointer (compare-and-swap) and are read with read_pointer, never put or deleted"
+        )
+    if top == TEMP_DIR:
+        raise ReservedKey(
+            f"storage key {key!r} is under {TEMP_DIR}/, which holds the storage's own temp "
+            "files; use another folder"
         )
     return key
 
@@ -91,34 +122,162 @@ class Storage(ABC):
     def url(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{check_key(key)}"
 
+    def presigned_url(self, key: str, expires_s: int = 7 * 24 * 3600) -> str | None:
+        """A URL a browser can GET without credentials (e.g. an image in the Prefect UI), or None
+        when this storage cannot give one (files on a worker's disk)."""
+        return None
+
     def get_to_file(self, key: str, dest: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(dest, self.get(key))
         return dest
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _fsync_dir(path: Path) -> None:
+    """Make a rename/link/unlink in ``path`` durable: without it a crash can lose the new entry."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems (certain network and FUSE mounts) cannot fsync a directory.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(path: Path) -> None:
+    """``mkdir -p`` that also fsyncs the parent of every folder it created."""
+    missing = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+    for d in missing:
+        _fsync_dir(d.parent)
+
+
+def _write_temp(tmp_dir: Path, name: str, data: bytes) -> str:
+    """A fully written and fsynced temp file in ``tmp_dir``; its path."""
+    # Names are cut: a key's last part may be up to 255 bytes, the temp name adds ~14.
+    fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f".{name[:100]}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _atomic_write(path: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Temp file, fsync, rename over ``path``, fsync the folder: old or new bytes, never a part."""
+    _make_dirs(path.parent)
+    if tmp_dir is not None:
+        _make_dirs(tmp_dir)
+    tmp = _write_temp(tmp_dir or path.parent, path.name, data)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
+
+
+# A temp file untouched this long belongs to a killed write: a live write of even a large model
+# rewrites its temp file within seconds, so sweeping older ones never disturbs a running writer.
+TEMP_MAX_AGE_S = 3600.0
+# How often a long-lived FileStorage sweeps again (each sweep reads only the _tmp folder).
+SWEEP_EVERY_S = 600.0
+# Marks a store whose pre-_tmp layout (temp files next to their key) has been swept once.
+_LEGACY_SWEPT = ".legacy-temp-swept"
 
 
 class FileStorage(Storage):
-    def __init__(self, root: str | Path):
+    """A folder: one file per key, written atomically through ``<root>/_tmp``.
+
+    Temp files live in one folder, so a killed write's leftovers are found without walking the
+    tree: they are removed when a FileStorage opens the folder and every ``SWEEP_EVERY_S`` after,
+    once older than ``TEMP_MAX_AGE_S``.
+    """
+
+    def __init__(self, root: str | Path, temp_max_age_s: float = TEMP_MAX_AGE_S):
         self.root = Path(root).resolve()
         self.uri = f"file://{self.root}"
+        self.temp_max_age_s = temp_max_age_s
+        self._tmp = self.root / TEMP_DIR
+        self._last_sweep = 0.0
+        self.sweep_temp()
 
     def _path(self, key: str) -> Path:
         return self.root / check_key(key)
+
+    def _writable(self, key: str) -> Path:
+        return self.root / check_writable_key(key)
+
+    def sweep_temp(self, max_age_s: float | None = None) -> int:
+        """Remove temp files of killed writes older than ``max_age_s``; how many were removed."""
+        age = self.temp_max_age_s if max_age_s is None else max_age_s
+        self._last_sweep = time.monotonic()
+        if not self.root.is_dir():
+            return 0
+        cutoff = time.time() - age
+        removed = freed = 0
+        try:
+            entries = list(os.scandir(self._tmp))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            removed, freed = self._drop_old_temp(entry, cutoff, removed, freed)
+        if not (self._tmp / _LEGACY_SWEPT).exists():
+            # Stores written before _tmp existed kept temp files next to their keys: walk the
+            # tree for them once, then never again.
+            for entry in self._walk(self.root):
+                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                    removed, freed = self._drop_old_temp(entry, cutoff, removed, freed)
+            with contextlib.suppress(OSError):
+                _make_dirs(self._tmp)
+                (self._tmp / _LEGACY_SWEPT).touch()
+        if removed:
+            log.info(
+                "%s: removed %d temp file(s) of killed writes (%.1f MB)",
+                self.uri,
+                removed,
+                freed / 1e6,
+            )
+        return removed
+
+    @staticmethod
+    def _drop_old_temp(
+        entry: os.DirEntry, cutoff: float, removed: int, freed: int
+    ) -> tuple[int, int]:
+        if not entry.name.endswith(".tmp"):
+            return removed, freed
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if st.st_mtime >= cutoff or not entry.is_file(follow_symlinks=False):
+                return removed, freed
+            os.unlink(entry.path)
+        except FileNotFoundError:  # another process swept it first
+            return removed, freed
+        return removed + 1, freed + st.st_size
+
+    def _temp_dir(self) -> Path:
+        if time.monotonic() - self._last_sweep > SWEEP_EVERY_S:
+            self.sweep_temp()
+        _make_dirs(self._tmp)
+        return self._tmp
 
     def get(self, key: str) -> bytes:
         try:
@@ -127,48 +286,100 @@ class FileStorage(Storage):
             raise NotFound(key) from None
 
     def put(self, key: str, data: bytes) -> None:
-        _atomic_write(self._path(key), data)
+        path = self._writable(key)
+        _atomic_write(path, data, self._temp_dir())
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        path = self._writable(key)
+        _make_dirs(path.parent)
+        tmp = _write_temp(self._temp_dir(), path.name, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             # link() fails if the target exists: an atomic create-if-absent with full content.
             os.link(tmp, path)
-            return True
         except FileExistsError:
             return False
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        _fsync_dir(path.parent)
+        return True
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    @staticmethod
+    def _walk(top: Path | str) -> Iterator[os.DirEntry]:
+        """Every non-folder entry below ``top`` (hidden names too), without following links."""
+        stack = [str(top)]
+        while stack:
+            try:
+                it = os.scandir(stack.pop())
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    else:
+                        yield entry
+
     def list(self, prefix: str = "") -> list[str]:
-        if not self.root.exists():
+        # Only the folder the prefix names is read: "ledger/00" scans ledger/ for names starting
+        # with "00" and walks below those, never the images next to it.
+        head, _, start = prefix.rpartition("/")
+        parts = head.split("/") if head else []
+        if prefix.startswith("/") or "\\" in prefix or any(p in ("", ".", "..") for p in parts):
+            return []  # no valid key starts like this
+        if parts and parts[0] in RESERVED:
             return []
-        out = []
-        for p in self.root.rglob("*"):
-            if p.is_file() and not p.name.startswith("."):
-                key = p.relative_to(self.root).as_posix()
-                if key.startswith(prefix) and not key.startswith("_pointers/"):
+        base = self.root.joinpath(*parts)
+        try:
+            it = os.scandir(base)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        out: list[str] = []
+        stack: list[tuple[str, str]] = []
+        with it:
+            for entry in it:
+                name = entry.name
+                if name.startswith(".") or not name.startswith(start):
+                    continue
+                if not parts and name in RESERVED:
+                    continue
+                key = f"{head}/{name}" if head else name
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, key))
+                elif entry.is_file():
                     out.append(key)
+        while stack:
+            path, key_dir = stack.pop()
+            try:
+                sub = os.scandir(path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # removed while we listed
+            with sub:
+                for entry in sub:
+                    if entry.name.startswith("."):
+                        continue  # temp and lock files
+                    key = f"{key_dir}/{entry.name}"
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, key))
+                    elif entry.is_file():
+                        out.append(key)
         return sorted(out)
 
     def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(key).unlink()
+        path = self._writable(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        _fsync_dir(path.parent)
 
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[Path]:
-        path = self.root / "_pointers" / check_key(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self.root / POINTERS_DIR / check_key(name)
+        _make_dirs(path.parent)
         with open(path.with_name(path.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -177,7 +388,7 @@ class FileStorage(Storage):
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def read_pointer(self, name: str) -> tuple[bytes | None, str | None]:
-        path = self.root / "_pointers" / check_key(name)
+        path = self.root / POINTERS_DIR / check_key(name)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -192,7 +403,7 @@ class FileStorage(Storage):
                 current = None
             if current != expected:
                 return False
-            _atomic_write(path, value)
+            _atomic_write(path, value, self._temp_dir())
             return True
 
 
@@ -327,7 +538,7 @@ class S3Storage(Storage):
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _pointer_key(self, name: str) -> str:
-        return self._key(f"_pointers/{check_key(name)}")
+        return self._key(f"{POINTERS_DIR}/{check_key(name)}")
 
     @staticmethod
     def _code(exc: Exception) -> str:
@@ -388,12 +599,13 @@ class S3Storage(Storage):
 
     def put(self, key: str, data: bytes) -> None:
         # A single PutObject is atomic: readers see the old or the new object, never a part.
+        check_writable_key(key)
         self._call("put", key, self._client().put_object, Key=self._key(key), Body=data)
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
 
-        k = self._key(key)
+        k = self._key(check_writable_key(key))
 
         def attempt() -> bool:
             try:
@@ -448,7 +660,7 @@ class S3Storage(Storage):
             for page in pages:  # pagination is lazy: errors surface while iterating
                 for obj in page.get("Contents", []):
                     key = obj["Key"][len(root) :]
-                    if not key.startswith("_pointers/"):
+                    if key.split("/", 1)[0] not in RESERVED:
                         out.append(key)
         except ClientError as exc:
             if self._code(exc) == "NoSuchBucket":
@@ -464,6 +676,7 @@ class S3Storage(Storage):
         return sorted(out)
 
     def delete(self, key: str) -> None:
+        check_writable_key(key)
         self._call("delete", key, self._client().delete_object, Key=self._key(key))
 
     def read_pointer(self, name: str) -> tuple[bytes | None, str | None]:
@@ -529,6 +742,27 @@ class S3Storage(Storage):
                 os.unlink(tmp)
             raise
         return dest
+
+    def presigned_url(self, key: str, expires_s: int = 7 * 24 * 3600) -> str | None:
+        """A presigned GET URL (SigV4 allows at most 7 days). It is signed for the host the browser
+        uses: FRESHNET_S3_PUBLIC_ENDPOINT_URL when the workers reach S3 by another name."""
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        public = os.environ.get("FRESHNET_S3_PUBLIC_ENDPOINT_URL") or self.endpoint_url
+        style = os.environ.get("FRESHNET_S3_ADDRESSING_STYLE", "path") if public else None
+        # SigV4 explicitly: boto3 may presign with SigV2, which AWS rejects in newer regions.
+        conf = BotoConfig(
+            signature_version="s3v4", s3={"addressing_style": style} if style else None
+        )
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=public, region_name=self.region, config=conf
+        )
+        return client.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
+            ExpiresIn=max(1, min(int(expires_s), 7 * 24 * 3600)),
+        )
 
     def ensure_bucket(self) -> bool:
         """Create the bucket if missing (idempotent); True if this call created it."""

@@ -16,9 +16,15 @@ def evaluate_model(cfg: Config, model_key: str, version: str, snapshot_id: str) 
 
 @task
 def decide_promotion(
-    cfg: Config, challenger: dict, champion: dict | None, bundle_error: str | None = None
+    cfg: Config,
+    challenger: dict,
+    champion: dict | None,
+    bundle_error: str | None = None,
+    bundle_checked: bool = False,
 ) -> dict:
-    result = cycle.decide_step(cfg, challenger, champion, bundle_error)
+    """Decide; call again after the bundle check (``bundle_checked`` or ``bundle_error``) so the
+    bundle rule says pass or fail instead of "not run"."""
+    result = cycle.decide_step(cfg, challenger, champion, bundle_error, bundle_checked)
     publish_decision(result)
     return result
 

@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+import re
+from pathlib import Path
 
+from prefect import task
+from prefect.artifacts import (
+    create_image_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
+
+from freshnet import cycle
 from freshnet.config import Config
+from freshnet.redact import redact
+
+HISTORY_KEY = "night-history"
 
 
 def publish_search_failures(result: dict) -> None:
@@ -65,22 +78,66 @@ def publish_label_issues(check: dict) -> None:
 
 
 def publish_decision(result: dict) -> None:
+    """The report (rules, paired numbers, confusion table) and, where storage gives a browser URL,
+    the confusion matrix image."""
+    d = result["decision"]
+    verdict = "PROMOTE" if d["promote"] else "KEEP CHAMPION"
     create_markdown_artifact(
         key="decision-report",
         markdown=result["report"],
-        description="Champion vs challenger and the promotion decision",
+        description=f"{verdict}: {d['summary']}",
     )
+    if result.get("confusion_url"):
+        create_image_artifact(
+            image_url=result["confusion_url"],
+            key="confusion-matrix",
+            description=f"Challenger confusion matrix (holdout); stored at "
+            f"{result.get('confusion_key')}; the link expires after 7 days",
+        )
+
+
+def space_page(target: str) -> str:
+    """Where a person sees the Space: its web page (HF), the remote (git) or an absolute path."""
+    if target.startswith("hf://spaces/"):
+        return f"https://huggingface.co/spaces/{target.removeprefix('hf://spaces/')}"
+    scp = re.fullmatch(r"[\w.-]+@([\w.-]+):(?!//)(.+?)(\.git)?/?", target)
+    if scp:  # git@host:owner/repo.git
+        return f"https://{scp[1]}/{scp[2]}"
+    if target.startswith(("http://", "https://")):
+        return redact(target.removesuffix("/").removesuffix(".git"))
+    if "://" in target and not target.startswith("file://"):
+        return redact(target)
+    # A local git repo: relative to the worker's directory, so say where it really is.
+    return Path(target.removeprefix("file://")).resolve().as_uri()
 
 
 def publish_commit(cfg: Config, entry: dict) -> None:
     target = cfg.space.target
+    desc = f"The Space serving `{entry['version']}` (commit `{entry['commit']}`)"
     if target.startswith("hf://spaces/"):
-        link = f"https://huggingface.co/spaces/{target.removeprefix('hf://spaces/')}/commit/{entry['commit']}"
-    else:
-        link = f"file://{target}" if "://" not in target else target
+        desc += f"; [the commit]({space_page(target)}/commit/{entry['commit']})"
     create_link_artifact(
         key="space-commit",
-        link=link,
-        link_text=f"{entry['version']} @ {entry['commit'][:10]}",
-        description="The Space commit serving the new champion",
+        link=space_page(target),
+        link_text=f"{redact(target)}: {entry['version']} @ {entry['commit'][:10]}",
+        description=desc,
     )
+
+
+def publish_history(rows: list[dict]) -> None:
+    create_table_artifact(
+        key=HISTORY_KEY,
+        table=rows,
+        description=f"The last {len(rows)} night(s), newest first: new images, champion and "
+        "challenger holdout accuracy (same holdout), decision, Space commit",
+    )
+
+
+@task
+def record_night(cfg: Config, summary: dict) -> dict:
+    """Add the night to the history in storage and publish the history table."""
+    from prefect.runtime import flow_run
+
+    out = cycle.record_night_step(cfg, summary, run=flow_run.name)
+    publish_history(out["rows"])
+    return out["record"]

@@ -1,4 +1,4 @@
-"""A hostile image web for the ingestion tests: every bad input of issue 3, generated at test time.
+"""A hostile image web for the ingestion tests: every bad input of issues 3 and 13, generated at test time.
 
 ``CorpusServer`` serves on 127.0.0.2 (a loopback address of its own) so tests can allow exactly
 that address and check that redirects to 127.0.0.1 and 169.254.169.254 are refused.
@@ -6,6 +6,7 @@ that address and check that redirects to 127.0.0.1 and 169.254.169.254 are refus
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import struct
@@ -14,6 +15,7 @@ import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 from PIL import Image
 
 HOST = "127.0.0.2"
@@ -38,6 +40,84 @@ def png_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
         + _png_chunk(b"IDAT", idat)
         + _png_chunk(b"IEND", b"")
     )
+
+
+_ADLER_BASE = 65521
+
+
+def _adler32_combine(a1: int, a2: int, len2: int) -> int:
+    """Adler-32 of A + B from those of A and B (zlib's adler32_combine, which Python lacks)."""
+    rem = len2 % _ADLER_BASE
+    s1 = a1 & 0xFFFF
+    s2 = (rem * s1) % _ADLER_BASE
+    s1 += (a2 & 0xFFFF) + _ADLER_BASE - 1
+    s2 += ((a1 >> 16) & 0xFFFF) + ((a2 >> 16) & 0xFFFF) + _ADLER_BASE - rem
+    return (s1 % _ADLER_BASE) | ((s2 % _ADLER_BASE) << 16)
+
+
+def _repeated_zlib(parts: list[tuple[bytes, int]]) -> bytes:
+    """A zlib stream of ``unit * count`` for each part, without compressing every copy: after a
+    full flush deflate starts afresh, so each copy of a unit is the same compressed block."""
+    blocks, adler = [], 1
+    for unit, count in parts:
+        co = zlib.compressobj(9, zlib.DEFLATED, -15)
+        blocks.append((co.compress(unit) + co.flush(zlib.Z_FULL_FLUSH)) * count)
+        a, length = zlib.adler32(unit), len(unit)
+        while count:  # Adler-32 of unit * count by doubling
+            if count & 1:
+                adler = _adler32_combine(adler, a, length)
+            a, length, count = _adler32_combine(a, a, length), 2 * length, count >> 1
+    end = zlib.compressobj(9, zlib.DEFLATED, -15).flush()  # an empty final block
+    return b"\x78\xda" + b"".join(blocks) + end + struct.pack(">I", adler)
+
+
+@functools.cache
+def flat_png(width: int, height: int, bit_depth: int, colour_type: int, pixel: bytes) -> bytes:
+    """A valid PNG of one repeated pixel, never held as pixels: a decode-time memory bomb of
+    hundreds of MB costs a few hundred KB and a few milliseconds to build."""
+    row = b"\x00" + pixel * width
+    k = 64  # rows per compressed unit
+    idat = _repeated_zlib([(row * k, height // k), (row, height % k)])
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+# Issue 13's memory bombs, all under the 64-megapixel cap but for the 12000² one:
+# 16-bit grey 7999² (~140 KB; decoding used to peak at 1.2 GB), 8-bit RGB 12000² (~450 KB),
+# and RGBA 7999² (~270 KB; 8 bytes per pixel to decode and shrink: 512 MB).
+def png16_bomb() -> bytes:
+    return flat_png(7999, 7999, 16, 0, b"\x9c\x40")  # grey 40000 of 65535
+
+
+def png_huge() -> bytes:
+    return flat_png(12000, 12000, 8, 2, b"\x80\x60\x40")
+
+
+def rgba_bomb() -> bytes:
+    return flat_png(7999, 7999, 8, 6, b"\x80\x40\x20\xff")
+
+
+@functools.cache
+def photo_like_jpeg(size: tuple[int, int] = (640, 480), progressive: bool = False) -> bytes:
+    """Smooth gradients plus noise: no exact-grey areas, like a real photo."""
+    w, h = size
+    rng = np.random.default_rng(13)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 200 // w, y * 200 // h, (x + y) * 100 // (w + h)], axis=-1) + 20
+    arr = np.clip(base + rng.integers(-20, 21, base.shape), 0, 255).astype(np.uint8)
+    return _save(Image.fromarray(arr, "RGB"), "JPEG", quality=90, progressive=progressive)
+
+
+def cut_eoi_jpeg(fraction: float = 0.8) -> bytes:
+    """A JPEG cut at ``fraction`` of its bytes and closed with an EOI marker: Pillow decodes it
+    without an error, the missing blocks flat grey."""
+    data = photo_like_jpeg()
+    return data[: int(len(data) * fraction)] + b"\xff\xd9"
 
 
 def _save(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -150,6 +230,12 @@ def corpus() -> dict[str, tuple[str, dict]]:
             "too_large",
             {"body": b"\xff\xd8\xff" + b"\x00" * 100, "headers": {"Content-Length": "999999999"}},
         ),
+        # Bodies given as functions are built on first request (once per session).
+        "/sixteen-bomb.png": ("accepted", {"body": png16_bomb}),  # within the byte budget
+        "/huge.png": ("bomb", {"body": png_huge}),  # over max_pixels
+        "/rgba-bomb.png": ("bomb", {"body": rgba_bomb}),  # under max_pixels, over the byte budget
+        "/cut-eoi.jpg": ("decode_error", {"body": cut_eoi_jpeg}),
+        "/cut-eoi-late.jpg": ("decode_error", {"body": lambda: cut_eoi_jpeg(0.97)}),
     }
 
 
@@ -205,6 +291,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         body = spec["body"]
+        if callable(body):
+            body = body()
         headers = {
             "Content-Type": spec.get("ctype", "application/octet-stream"),
             "Content-Length": str(len(body)),
@@ -236,6 +324,13 @@ class CorpusServer:
         self.host = host
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def build_all(self) -> CorpusServer:
+        """Build every lazy body now (a body built on request can outlast a short read timeout)."""
+        for spec in self.server.RequestHandlerClass.specs.values():
+            if callable(spec.get("body")):
+                spec["body"] = spec["body"]()
+        return self
 
     def url(self, path: str) -> str:
         return f"http://{self.host}:{self.port}{path}"

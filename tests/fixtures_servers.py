@@ -250,9 +250,10 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
 class PrefectServer:
     """``prefect server start`` on a free loopback port with its own PREFECT_HOME (SQLite)."""
 
-    def __init__(self, home: Path, port: int | None = None):
+    def __init__(self, home: Path, port: int | None = None, ui: bool = False):
         self.home = home
         self.port = port or free_port()
+        self.ui = ui  # serve the web UI too (the browser test); off elsewhere: it costs start time
         self.proc: subprocess.Popen | None = None
         self.log_path = home / "server.log"
 
@@ -269,6 +270,10 @@ class PrefectServer:
 
         self.home.mkdir(parents=True, exist_ok=True)
         env = prefect_env(self.home)
+        if self.ui:
+            env["PREFECT_SERVER_UI_ENABLED"] = "true"
+            # Else the UI asks for the API at the default port 4200, not at --port.
+            env["PREFECT_UI_API_URL"] = self.api_url
         self.proc = subprocess.Popen(
             [
                 str(Path(sys.executable).with_name("prefect")),
@@ -278,7 +283,7 @@ class PrefectServer:
                 "127.0.0.1",
                 "--port",
                 str(self.port),
-                "--no-ui",
+                "--ui" if self.ui else "--no-ui",
                 "--analytics-off",
             ],
             env=env,

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from freshnet.config import ConfigError, load_config
+from freshnet.config import (
+    NON_CONFIG_ENV,
+    Config,
+    ConfigError,
+    config_env_names,
+    load_config,
+    parse_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +38,7 @@ def test_env_overrides_nested_keys_with_types():
         "FRESHNET_TRAIN__EPOCHS": "7",
         "FRESHNET_STORAGE": "s3://bucket/prefix",
         "FRESHNET_DOWNLOAD__ALLOW_PRIVATE": '["10.0.0.0/8"]',
-        "FRESHNET_HOME": "/ignored",
+        "FRESHNET_CACHE": "/not/a/config/key",  # read by freshnet/cycle.py, not the config
     }
     cfg = load_config(REPO / "configs/demo.toml", env=env)
     assert cfg.train.epochs == 7
@@ -94,3 +105,136 @@ def test_cli_config_check_exits_nonzero_naming_key(tmp_path):
     )
     assert ok.returncode == 0, ok.stderr
     assert "ok" in ok.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "nearest"),
+    [
+        ("FRESHNET_TRIAN__EPOCHS", "FRESHNET_TRAIN__EPOCHS"),
+        ("FRESHNET_TRAIN__EPOCHZ", "FRESHNET_TRAIN__EPOCHS"),
+        ("FRESHNET_STORGE", "FRESHNET_STORAGE"),
+        ("FRESHNET_WEBHOOK_ULR", "FRESHNET_WEBHOOK_URL"),
+    ],
+)
+def test_unknown_env_name_is_an_error_naming_the_nearest_key(name, nearest):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs/demo.toml", env={name: "5"})
+    assert f"{name}: not a config key; did you mean {nearest}?" in str(e.value)
+
+
+def test_non_config_freshnet_variables_are_allowed():
+    cfg = load_config(REPO / "configs/demo.toml", env=dict.fromkeys(NON_CONFIG_ENV, "1"))
+    assert cfg.train.epochs == load_config(REPO / "configs/demo.toml", env={}).train.epochs
+
+
+def test_every_freshnet_variable_in_the_project_is_a_key_or_allowed():
+    """A FRESHNET_* variable read anywhere must be listed, or setting it breaks config loading."""
+    known = set(config_env_names()) | NON_CONFIG_ENV
+    docs = {"FRESHNET_", "FRESHNET_SECTION__KEY"}  # placeholders in docs and messages
+    found: dict[str, str] = {}
+    for top in ("freshnet", "flows", "tasks", "app", "infra", "benchmarks", "tests", "configs"):
+        for path in (REPO / top).rglob("*"):
+            if path.suffix not in (".py", ".sh", ".toml", ".yaml", ".md", "") or path.is_dir():
+                continue
+            if path.name == "test_config.py":
+                continue  # the typos tested above
+            text = path.read_text(errors="replace")
+            for name in re.findall(r"FRESHNET_[A-Z0-9_]*", text):
+                found.setdefault(name, str(path.relative_to(REPO)))
+    for extra in ("prefect.yaml", "Makefile", "README.md"):
+        for name in re.findall(r"FRESHNET_[A-Z0-9_]*", (REPO / extra).read_text()):
+            found.setdefault(name, extra)
+    missing = {n: where for n, where in found.items() if n not in known | docs}
+    assert not missing, f"add these to NON_CONFIG_ENV in freshnet/config.py: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("query", "why"),
+    [
+        ("{label} {0}", "positional placeholder"),
+        ("photo {nope} {label}", "unknown placeholder {nope}"),
+        ("photo {label", "not a valid template"),
+        ("photo {label}}", "not a valid template"),
+        ("photo {label.upper}", "only {label} is allowed"),
+        ("photo", "does not contain {label}"),
+    ],
+)
+def test_query_templates_are_validated_by_formatting(tmp_path, query, why):
+    p = _write(
+        tmp_path,
+        f'classes = ["a", "b"]\nqueries = ["photo {{label}}", {query!r}]\n'.replace("'", '"'),
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(p, env={})
+    msg = str(e.value)
+    assert "queries:" in msg and repr(query) in msg and why in msg
+
+
+def test_query_templates_that_format_are_accepted():
+    cfg = parse_config({"classes": ["a", "b"], "queries": ["{label}", "{{literal}} {label!s} pup"]})
+    assert cfg.queries[1].format(label="corgi") == "{literal} corgi pup"
+
+
+def _float_keys(model: type[BaseModel], path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    keys = []
+    for name, field in model.model_fields.items():
+        args = (field.annotation, *typing.get_args(field.annotation))
+        if float in args:
+            keys.append((*path, name))
+        for t in args:
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                keys += _float_keys(t, (*path, name))
+    return keys
+
+
+def test_non_finite_numbers_rejected_for_every_float_field():
+    keys = _float_keys(Config)
+    assert ("download", "total_timeout_s") in keys and len(keys) > 20
+    for key in keys:
+        for bad in (math.inf, -math.inf, math.nan):
+            data: dict = {"classes": ["a", "b"]}
+            node = data
+            for part in key[:-1]:
+                node = node.setdefault(part, {})
+            node[key[-1]] = bad
+            with pytest.raises(ConfigError, match=re.escape(".".join(key))):
+                parse_config(data)
+
+
+def test_non_finite_numbers_rejected_from_toml_and_env(tmp_path):
+    p = _write(tmp_path, 'classes = ["a", "b"]\n[download]\ntotal_timeout_s = inf\n')
+    with pytest.raises(ConfigError, match="download.total_timeout_s.*finite"):
+        load_config(p, env={})
+    with pytest.raises(ConfigError, match="policy.canary_latency_s.*finite"):
+        load_config(REPO / "configs/demo.toml", env={"FRESHNET_POLICY__CANARY_LATENCY_S": "nan"})
+
+
+@pytest.mark.parametrize(
+    ("classes", "why"),
+    [
+        (["a/b", "c"], "path separator"),
+        (["../x", "c"], "path separator"),
+        (["a\\b", "c"], "path separator"),
+        (["x..y", "c"], "'..'"),
+        ([".hidden", "c"], "starts with '.'"),
+        (["..", "c"], "'..'"),
+        (["tab\there", "c"], "control character"),
+        (["nul\x00", "c"], "control character"),
+        (["   ", "c"], "is empty"),
+        (["x" * 101, "c"], "longer than 100"),
+        (["A", "b", "a"], "distinct ignoring case"),
+        (["Corgi", "CORGI"], "distinct ignoring case"),
+    ],
+)
+def test_class_labels_must_be_safe_distinct_folder_names(classes, why):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"classes": classes})
+    msg = str(e.value)
+    assert "classes:" in msg and why in msg
+    if "distinct" not in why:
+        assert "allowed:" in msg
+
+
+def test_ordinary_class_labels_accepted():
+    names = ["siberian husky", "St. Bernard", "shih-tzu (toy)", "café", "柴犬"]
+    assert parse_config({"classes": [f"  {n} " for n in names]}).classes == names

@@ -6,7 +6,7 @@ import pytest
 
 from freshnet.config import PolicyConfig
 from freshnet.evaluate import Evaluation, compare, metrics_from
-from freshnet.policy import Decision, decide, decision_report
+from freshnet.policy import Decision, Rule, decide, decision_report, rule_status
 
 CLASSES = ["a", "b", "c"]
 
@@ -103,18 +103,33 @@ def test_policy_table(name, champ, chall, over, promote, failing):
     cmp = compare(champion, challenger, resamples=500) if champion is not None else None
     d = decide(challenger, champion, cmp, policy)
     assert d.promote is promote, d.to_markdown()
-    assert sorted(r.name for r in d.rules if not r.passed) == sorted(failing)
+    assert sorted(r.name for r in d.rules if r.status == "fail") == sorted(failing)
     # Every rule carries a value, a threshold field and a verdict; the markdown lists them all.
     md = d.to_markdown()
     for r in d.rules:
         assert f"| {r.name} |" in md
     assert ("PROMOTE" in md) is promote
+    # The bundle is checked after the decision: until then its rule did not run, never "pass".
+    bundle = rule(d, "bundle")
+    assert bundle.status == "not run" and not bundle.passed
+    assert "| bundle | — | loads and predicts canaries | not run |" in md
 
 
 def test_first_run_lists_floor_and_bootstrap():
     d = decide(make_eval("v1", BASE), None, None, PolicyConfig())
     assert d.first_run and d.promote
-    assert [r.name for r in d.rules] == ["bundle", "accuracy_floor", "first_run"]
+    status = {r.name: r.status for r in d.rules}
+    assert status == {
+        "bundle": "not run",
+        "accuracy_floor": "pass",
+        "first_run": "pass",
+        # Nothing to compare with: the comparison rules are listed as not run, not as passed.
+        "paired_rows": "not run",
+        "improvement": "not run",
+        "significance": "not run",
+        "class_recall_drop": "not run",
+    }
+    assert rule(d, "improvement").detail == "no champion to compare with"
     floor = rule(d, "accuracy_floor")
     assert floor.value == pytest.approx(0.9) and floor.threshold == 0.8
 
@@ -142,7 +157,7 @@ def test_significance_rule_reports_p_value_and_is_listed_when_off():
     on = rule(decide(chall, champ, cmp, PolicyConfig(significance=0.05)), "significance")
     off = rule(decide(chall, champ, cmp, PolicyConfig()), "significance")
     assert on.value == pytest.approx(cmp.mcnemar_p) and on.threshold == 0.05 and on.passed
-    assert off.passed and off.threshold is None and "not required" in off.detail
+    assert off.status == "not run" and off.threshold is None and "not required" in off.detail
 
 
 def test_changed_class_set_compares_on_shared_classes():
@@ -180,14 +195,69 @@ def test_decision_roundtrip_and_report():
     d = decide(chall, champ, cmp, PolicyConfig())
     again = Decision.from_dict(d.to_dict())
     assert again == d
-    md = decision_report(d, chall, champ, cmp, "v2.png")
+    md = decision_report(
+        d, chall, champ, cmp, "https://s3.example/decisions/v2.png?X-Amz-Signature=1"
+    )
     assert "# Decision for v2: PROMOTE" in md
     assert f"{cmp.delta:+.4f}" in md and f"[{cmp.ci_low:+.4f}, {cmp.ci_high:+.4f}]" in md
     assert f"p = **{cmp.mcnemar_p:.4g}**" in md
-    assert "![confusion matrix](v2.png)" in md
+    assert "![confusion matrix of v2](https://s3.example/decisions/v2.png?X-Amz-Signature=1)" in md
     for lab in CLASSES:
         assert f"| {lab} |" in md
     for r in d.rules:
         assert f"| {r.name} |" in md
     first = decision_report(decide(chall, None, None, PolicyConfig()), chall, None, None, None)
-    assert "first run" in first and "confusion" not in first
+    # Without a URL a browser can load, the matrix is still there as a table, with no broken image.
+    assert "first run" in first and "## Confusion matrix" in first and "![" not in first
+
+
+def test_report_has_confusion_table_and_paired_counts():
+    champ_ok = flip(BASE, [1, 2], False)  # champion: 9 + 2 more wrong
+    chall_ok = flip([True] * N, [4, 5, 7], False)  # challenger: 3 wrong, on other rows
+    champ, chall = make_eval("v1", champ_ok), make_eval("v2", chall_ok)
+    cmp = compare(champ, chall, resamples=200)
+    md = decision_report(decide(chall, champ, cmp, PolicyConfig()), chall, champ, cmp, None)
+    # Row by row: actual class, then the counts per predicted class, diagonal in bold.
+    for i, lab in enumerate(chall.labels):
+        cells = [f"**{n}**" if i == j else str(n) for j, n in enumerate(chall.confusion[i])]
+        assert f"| {lab} | " + " | ".join(cells) + " |" in md
+    both_right = sum(a and b for a, b in zip(champ_ok, chall_ok, strict=True))
+    both_wrong = sum(not a and not b for a, b in zip(champ_ok, chall_ok, strict=True))
+    assert f"| both right | {both_right} |" in md and f"| both wrong | {both_wrong} |" in md
+    assert f"| champion only | {cmp.b} |" in md and f"| challenger only | {cmp.c} |" in md
+    assert (cmp.b, cmp.c) == (3, 11)
+
+
+def test_bundle_rule_is_not_run_until_checked():
+    champ, better, worse = (
+        make_eval("v1", BASE),
+        make_eval("v2", [True] * N),
+        make_eval("v3", [False] * N),
+    )
+    keep = decide(worse, champ, None, PolicyConfig())
+    b = rule(keep, "bundle")
+    # A KEEP night builds no bundle: the report must not claim one was validated.
+    assert not keep.promote and b.status == "not run" and "no bundle built" in b.detail
+    assert "bundle validated" not in keep.to_markdown()
+    assert "bundle" not in keep.summary  # it did not fail either
+    pending = decide(better, champ, None, PolicyConfig())
+    assert pending.promote and rule(pending, "bundle").status == "not run"
+    assert "bundle check comes next" in pending.summary
+    checked = decide(better, champ, None, PolicyConfig(), bundle_checked=True)
+    assert checked.promote and rule(checked, "bundle").status == "pass"
+    assert "bundle validated in a clean process" in rule(checked, "bundle").detail
+    broken = decide(better, champ, None, PolicyConfig(), bundle_error="canary mismatch")
+    assert not broken.promote and rule(broken, "bundle").status == "fail"
+
+
+def test_rules_stored_before_the_tri_state_still_read():
+    old = {"promote": True, "summary": "ok", "rules": [
+        {"name": "bundle", "value": "ok", "threshold": None, "passed": True, "detail": "x"},
+        {"name": "improvement", "value": -0.1, "threshold": 0.0, "passed": False, "detail": "y"},
+    ]}  # fmt: skip
+    d = Decision.from_dict(old)
+    assert [r.status for r in d.rules] == ["pass", "fail"]
+    assert [rule_status(r) for r in old["rules"]] == ["pass", "fail"]
+    assert rule_status({"name": "bundle", "passed": False, "status": "not run"}) == "not run"
+    with pytest.raises(ValueError, match="status must be one of"):
+        Rule("x", 1, 1, True, "", "maybe")

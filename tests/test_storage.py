@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from freshnet.storage import FileStorage, NotFound, S3Storage, Storage, StorageError, open_storage
+from freshnet import storage as storage_mod
+from freshnet.storage import (
+    FileStorage,
+    NotFound,
+    ReservedKey,
+    S3Storage,
+    Storage,
+    StorageError,
+    open_storage,
+)
 from tests.fixtures_servers import *  # noqa: F403  (fixtures, until conftest imports them)
 from tests.fixtures_servers import free_port
 
@@ -212,3 +223,154 @@ def test_s3_ensure_bucket_idempotent(s3_env: dict[str, str]) -> None:
 def test_importing_storage_does_not_import_boto3() -> None:
     code = "import sys, freshnet.storage; assert 'boto3' not in sys.modules and 'botocore' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_pointers_writable_only_through_swap_pointer(store: Storage) -> None:
+    assert store.swap_pointer("champion", b"v1", None)
+    for write in (
+        lambda: store.put("_pointers/champion", b"forged"),
+        lambda: store.put_if_absent("_pointers/other", b"forged"),
+        lambda: store.delete("_pointers/champion"),
+    ):
+        with pytest.raises(ReservedKey, match=r"'_pointers/.*swap_pointer"):
+            write()
+    with pytest.raises(ReservedKey, match="_tmp/"):
+        store.put("_tmp/x", b"x")
+    assert store.read_pointer("champion")[0] == b"v1"
+    assert store.read_pointer("other") == (None, None)
+    assert store.list() == []
+
+
+def _touch_tree(root: Path, n: int) -> None:
+    """``n`` empty image files in 256 fan-out folders, as a large catalog stores them."""
+    for i in range(n):
+        h = f"{i % 256:02x}{i:062x}"
+        d = root / "images" / h[:2]
+        if i < 256:
+            d.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(d / f"{h}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def test_file_list_reads_only_the_prefix_folder(tmp_path: Path, monkeypatch) -> None:
+    store = FileStorage(tmp_path / "s")
+    _touch_tree(store.root, 20_000)  # a big sibling tree list("ledger/") must never visit
+    ledger = [f"ledger/{i:08d}.json" for i in range(30)]
+    for k in ledger + ["ledger/sub/x.json", "ledgerish/y", "models/v1/model.pkl"]:
+        store.put(k, b"{}")
+    scanned: list[Path] = []
+    real_scandir = os.scandir
+
+    def recording_scandir(path="."):
+        scanned.append(Path(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(storage_mod.os, "scandir", recording_scandir)
+
+    t0 = time.perf_counter()
+    assert store.list("ledger/") == ledger + ["ledger/sub/x.json"]
+    took = time.perf_counter() - t0
+    assert set(scanned) == {store.root / "ledger", store.root / "ledger/sub"}, scanned
+
+    scanned.clear()
+    assert store.list("ledger/0000001") == ledger[10:20]
+    assert scanned == [store.root / "ledger"]
+
+    scanned.clear()
+    assert store.list("led") == ledger + ["ledger/sub/x.json", "ledgerish/y"]
+    # The root is read once for names starting with "led"; images/ and models/ are not entered.
+    assert not any(p.is_relative_to(store.root / "images") for p in scanned), scanned
+
+    scanned.clear()
+    assert len(store.list("images/0")) == sum(i % 256 < 16 for i in range(20_000))
+    assert {p for p in scanned if p != store.root / "images"} == {
+        store.root / "images" / f"0{c}" for c in "0123456789abcdef"
+    }
+    assert store.list("../") == store.list("a//b") == store.list("_pointers/") == []
+    assert len(store.list()) == 20_000 + 33
+    # Reading 31 small files' names must not cost a walk of 20,000 (it took ~1 s before).
+    assert took < 0.5, took
+
+
+def test_killed_write_temp_files_are_swept_by_age(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    FileStorage(root).put("keep/a", b"a")
+    # A writer killed between writing its temp file and renaming it (os.replace never returns).
+    code = (
+        "import os, time, sys\n"
+        "from freshnet.storage import FileStorage\n"
+        "os.replace = lambda *a: time.sleep(600)\n"
+        f"FileStorage({str(root)!r}).put('models/v1/model.pkl', b'x' * 2_000_000)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while not [p for p in (root / "_tmp").glob("*.tmp") if p.stat().st_size == 2_000_000]:
+            assert time.monotonic() < deadline and proc.poll() is None, "writer never wrote"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    (orphan,) = (root / "_tmp").glob("*.tmp")
+    # A store from before _tmp kept temp files next to the key; one of those is swept once too.
+    legacy = root / "keep" / ".a.x1y2z3.tmp"
+    legacy.write_bytes(b"partial")
+
+    store = FileStorage(root)  # opening it sweeps, but a young temp may be a live writer's
+    assert orphan.exists() and legacy.exists()
+    old = time.time() - storage_mod.TEMP_MAX_AGE_S - 60
+    for p in (orphan, legacy):
+        os.utime(p, (old, old))
+    (root / "_tmp" / storage_mod._LEGACY_SWEPT).unlink()
+    fresh = root / "_tmp" / ".b.live.tmp"
+    fresh.write_bytes(b"in flight")
+
+    store = FileStorage(root)
+    assert not orphan.exists() and not legacy.exists()
+    assert fresh.exists()  # a concurrent writer's temp file is left alone
+    assert store.get("keep/a") == b"a" and store.list() == ["keep/a"]
+
+    # A long-lived store sweeps again by age, not only when opened.
+    os.utime(fresh, (old, old))
+    store.put("keep/b", b"b")
+    assert fresh.exists()  # swept less than SWEEP_EVERY_S ago
+    store._last_sweep -= storage_mod.SWEEP_EVERY_S + 1
+    store.put("keep/c", b"c")
+    assert not fresh.exists()
+
+
+def test_file_writes_fsync_the_folder_after_rename(tmp_path: Path, monkeypatch) -> None:
+    store = FileStorage(tmp_path / "s")
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("rename", str(dst)))
+        return real_replace(src, dst)
+
+    def link(src, dst):
+        events.append(("link", str(dst)))
+        return real_link(src, dst)
+
+    monkeypatch.setattr(storage_mod.os, "fsync", fsync)
+    monkeypatch.setattr(storage_mod.os, "replace", replace)
+    monkeypatch.setattr(storage_mod.os, "link", link)
+    folder = str(store.root / "ledger")
+    for op, write in (
+        ("rename", lambda: store.put("ledger/a.json", b"1")),
+        ("link", lambda: store.put_if_absent("ledger/b.json", b"2")),
+        ("rename", lambda: store.swap_pointer("champion", b"v", None)),
+    ):
+        events.clear()
+        write()
+        done = [i for i, e in enumerate(events) if e[0] == op]
+        assert done, events
+        target_dir = str(Path(events[done[0]][1]).parent)
+        assert ("fsync", target_dir) in events[done[0] + 1 :], events
+    assert target_dir == str(store.root / "_pointers")
+    events.clear()
+    store.delete("ledger/a.json")
+    assert events == [("fsync", folder)]
