@@ -11,10 +11,12 @@ from collections.abc import Callable
 
 from freshnet.config import Config, ConfigError, load_config
 from freshnet.lease import LeaseHeld
+from freshnet.redact import install_log_redaction, redact
 
 EXIT_CONFIG = 2
 EXIT_STOPPED = 3
 EXIT_BUSY = 4
+EXIT_DEGRADED = 5  # the night ran, but most searches failed or most downloads were rejected
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -23,9 +25,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.file)
+    # A git target may carry a token (http://user:TOKEN@host/...): never print it.
     print(
-        f"{args.file}: ok — {cfg.name}: {len(cfg.classes)} classes, source {cfg.source.kind}, "
-        f"storage {cfg.storage}, space {cfg.space.target}"
+        redact(
+            f"{args.file}: ok — {cfg.name}: {len(cfg.classes)} classes, source {cfg.source.kind}, "
+            f"storage {cfg.storage}, space {cfg.space.target}"
+        )
     )
     return 0
 
@@ -50,12 +55,19 @@ def _run_night(args: argparse.Namespace) -> int:
     from flows.nightly import nightly  # the orchestration layer, imported only for this command
     from freshnet.summary import format_summary
 
-    result = nightly(config=args.config, night=args.night)
+    # A night whose yield collapsed ends Failed ("Degraded") but still has its summary.
+    state = nightly(config=args.config, night=args.night, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
     print()
     print(format_summary(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1, default=str)
+    if result.get("yield_problems"):
+        print(f"freshnet: {state.message}", file=sys.stderr)
+        return EXIT_DEGRADED
     return EXIT_STOPPED if result["outcome"] == "stopped" and args.strict else 0
 
 
@@ -89,20 +101,28 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from freshnet import space
+    """Runs the rollback flow in-process: the same publish path, token and canary as nightly."""
+    load_config(args.config)  # fail fast, before Prefect starts, on a bad file
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.rollback import rollback  # the orchestration layer, imported only for this command
 
-    cfg = _config(args)
-    entry = space.rollback(cfg, args.version)
-    print(f"rolled back: {entry.version} is champion again (commit {entry.commit})")
+    entry = rollback(config=args.config, version=args.version)
+    print(f"rolled back: {entry['version']} is champion again (commit {entry['commit']})")
     return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from freshnet import space
+    """Runs the promote flow in-process: the same publish path, token and canary as nightly."""
+    load_config(args.config)
+    if not args.reason.strip():
+        raise ConfigError("promote: --reason must say why (it is recorded in the ledger)")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.promote import promote
 
-    cfg = _config(args)
-    entry = space.promote_manual(cfg, args.version, args.reason)
-    print(f"promoted {entry.version} by hand (commit {entry.commit}): {args.reason}")
+    entry = promote(config=args.config, version=args.version, reason=args.reason)
+    print(f"promoted {entry['version']} by hand (commit {entry['commit']}): {args.reason}")
     return 0
 
 
@@ -164,6 +184,23 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feedback(args: argparse.Namespace) -> int:
+    from freshnet import cycle, feedback
+
+    store = cycle.open_store(_config(args))
+    if args.action == "list":
+        print(feedback.format_pending(feedback.pending(store)))
+        return 0
+    if bool(args.sha) == args.all:
+        raise ConfigError(
+            f"feedback {args.action}: give image sha256 prefixes or --all (see 'feedback list')"
+        )
+    entries = feedback.review(store, None if args.all else args.sha, args.action == "accept")
+    print(feedback.format_entries(entries) or "no feedback waiting for review")
+    print("(applies from the next snapshot)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="freshnet", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -215,11 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["list", "release", "relabel", "drop"])
     sp.add_argument("sha", nargs="?")
     sp.add_argument("--label")
+    sp = add("feedback", cmd_feedback, "review corrections sent from the app")
+    sp.add_argument("action", choices=["list", "accept", "reject"])
+    sp.add_argument("sha", nargs="*", help="sha256 prefixes (at least 6 characters)")
+    sp.add_argument("--all", action="store_true", help="every image waiting for review")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    install_log_redaction()  # before anything logs: a git target may carry a token
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -230,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as exc:
-        print(f"freshnet: config error: {exc}", file=sys.stderr)
+        print(redact(f"freshnet: config error: {exc}"), file=sys.stderr)
         return EXIT_CONFIG
     except LeaseHeld as exc:
         print(f"freshnet: busy: {exc}", file=sys.stderr)
@@ -239,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         # freshnet's own errors already say what was wrong and where: no traceback for those.
         if not type(exc).__module__.startswith("freshnet."):
             raise
-        print(f"freshnet: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(redact(f"freshnet: {type(exc).__name__}: {exc}"), file=sys.stderr)
         return 1
 
 

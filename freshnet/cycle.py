@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,18 @@ def search_step(cfg: Config, night: str) -> dict:
     }
 
 
-def ingest_step(cfg: Config, night: str, search_key: str) -> dict:
+def ingest_step(
+    cfg: Config,
+    night: str,
+    search_key: str,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Download tonight's candidates; ``on_progress(done, total)`` follows the downloads."""
     from freshnet import ingest, sources
 
     store = open_store(cfg)
     report = sources.SearchReport.from_dict(get_json(store, search_key))
-    outcomes = ingest.ingest(report.candidates, cfg, store, progress=True)
+    outcomes = ingest.ingest(report.candidates, cfg, store, progress=True, on_progress=on_progress)
     key = put_json(store, f"nights/{night}/ingest.json", [vars(o) for o in outcomes])
     counts = ingest.count_outcomes(outcomes)
     accepted = sum(1 for o in outcomes if o.status == "accepted")
@@ -235,12 +242,25 @@ def snapshot_step(cfg: Config, since: str | None = None) -> dict:
 # ---- train ----------------------------------------------------------------------------------
 
 
-def train_step(cfg: Config, snapshot_id: str, version: str, init_model_key: str | None) -> dict:
+def train_step(
+    cfg: Config,
+    snapshot_id: str,
+    version: str,
+    init_model_key: str | None,
+    on_progress: Callable[[float, int], None] | None = None,
+) -> dict:
+    """Train ``version``; ``on_progress(epochs, total)`` follows the training."""
     from freshnet import dataset, train
 
     store = open_store(cfg)
     result = train.train_snapshot(
-        store, snapshot_id, cfg, version, cache_dir(cfg), init_model_key=init_model_key
+        store,
+        snapshot_id,
+        cfg,
+        version,
+        cache_dir(cfg),
+        init_model_key=init_model_key,
+        progress=on_progress,
     )
     noisy = result.get("noisy") or []
     if noisy:
@@ -308,8 +328,17 @@ def evaluate_step(cfg: Config, model_key: str, version: str, snapshot_id: str) -
 
 
 def decide_step(
-    cfg: Config, challenger: dict, champion: dict | None, bundle_error: str | None = None
+    cfg: Config,
+    challenger: dict,
+    champion: dict | None,
+    bundle_error: str | None = None,
+    bundle_checked: bool = False,
 ) -> dict:
+    """Decide, and write the report (markdown + confusion PNG) next to the decision in storage.
+
+    ``report`` is for the Prefect UI: its confusion image is a presigned URL where the storage
+    can give one (a relative path shows nothing there); the stored copy links the PNG beside it.
+    """
     from freshnet import evaluate, policy
 
     chal = evaluate.Evaluation.from_dict(challenger)
@@ -317,17 +346,41 @@ def decide_step(
     comparison = (
         evaluate.compare(champ, chal, resamples=cfg.policy.bootstrap_resamples) if champ else None
     )
-    decision = policy.decide(chal, champ, comparison, cfg.policy, bundle_error=bundle_error)
-    report = policy.decision_report(decision, chal, champ, comparison, "confusion.png")
+    decision = policy.decide(
+        chal,
+        champ,
+        comparison,
+        cfg.policy,
+        bundle_error=bundle_error,
+        bundle_checked=bundle_checked,
+    )
     store = open_store(cfg)
-    store.put(f"decisions/{chal.version}.md", report.encode())
+    png_key = f"decisions/{chal.version}.png"
+    store.put(png_key, evaluate.confusion_png(chal))
+    try:
+        png_url = store.presigned_url(png_key)
+    except Exception as exc:  # noqa: BLE001 - no URL only costs the image; the table remains
+        log.warning("no browser URL for the confusion matrix %s: %s", png_key, exc)
+        png_url = None
+    stored = policy.decision_report(decision, chal, champ, comparison, f"{chal.version}.png")
+    store.put(f"decisions/{chal.version}.md", stored.encode())
+    report = policy.decision_report(decision, chal, champ, comparison, png_url)
     out = {
         "decision": decision.to_dict(),
         "comparison": vars(comparison) if comparison else None,
         "report_key": f"decisions/{chal.version}.md",
         "report": report,
+        "confusion_key": png_key,
+        "confusion_url": png_url,
+        "confusion_table": policy.confusion_markdown(chal),
     }
     put_json(store, f"decisions/{chal.version}.json", out)
+    log.info(
+        "decision for %s: %s — %s",
+        chal.version,
+        "PROMOTE" if decision.promote else "KEEP CHAMPION",
+        decision.summary,
+    )
     return out
 
 
@@ -359,10 +412,13 @@ def bundle_step(
     image_dir = train.materialize(store, holdout, cache_dir(cfg) / "images")
     truth = dict(zip(evaluation["shas"], evaluation["truth"], strict=True))
     predicted = dict(zip(evaluation["shas"], evaluation["predicted"], strict=True))
-    # Canaries: a few holdout images per class, expected to get the in-process predictions.
+    # Canaries: the two most confident holdout images per class, expected to get the in-process
+    # predictions. Confident ones only: a near-tie can flip between batched and one-by-one
+    # inference (float rounding differs), which would fail a sound bundle.
+    confidence = dict(zip(evaluation["shas"], evaluation.get("confidence") or [], strict=False))
     per_class: dict[str, int] = {}
     canaries: list[tuple[Path, str]] = []
-    for sha in evaluation["shas"]:
+    for sha in sorted(evaluation["shas"], key=lambda s: -confidence.get(s, 0.0)):
         label = truth[sha]
         if per_class.get(label, 0) < 2:
             per_class[label] = per_class.get(label, 0) + 1
@@ -404,53 +460,322 @@ def publish_step(
     snapshot_id: str,
     token: str | None = None,
 ) -> dict:
-    """One commit to the Space, then (only then) the ledger entry and champion pointer.
+    """The nightly promotion: the validated bundle through the one publish path.
 
     ``token`` is the HF token read at run time by the caller (else HF_TOKEN); it is never stored.
     """
+    from freshnet import space
+
+    def prepare(ledger: Any, served: Any, work: Path) -> space.Release:
+        return space.Release(
+            version=version,
+            kind="promote",
+            bundle=Path(bundle_path),
+            title=f"freshnet: promote {version} (holdout accuracy "
+            f"{evaluation['accuracy']:.3f}, dataset {snapshot_id})",
+            fields={
+                "dataset": snapshot_id,
+                "metrics": {
+                    "holdout_accuracy": evaluation["accuracy"],
+                    **train_result.get("metrics", {}),
+                },
+                "decision": decision,
+                "model_key": train_result["model_key"],
+                "model_sha256": train_result.get("model_sha256", ""),
+            },
+        )
+
+    return publish_and_record(cfg, prepare, token=token, what=f"nightly promotion of {version}")
+
+
+def champion_step(cfg: Config, token: str | None = None) -> dict | None:
+    """The champion, after settling a publish that a killed or failed publisher left pending.
+
+    Healing here (not only at the next publish) means a night that keeps the champion still
+    brings the ledger back in line with what the Space serves.
+    """
+    from freshnet.ledger import Ledger
+
+    ledger = Ledger(open_store(cfg))
+    if ledger.intent()[0] is not None:
+        return reconcile_step(cfg, token)
+    entry = ledger.champion()
+    return vars(entry) if entry else None
+
+
+# ---- the one publish path: nightly promotion, rollback and manual promotion -----------------
+
+PUBLISH_LEASE = "publish"
+# A killed publisher holds the lease at most this long (a live one renews it every third of it).
+PUBLISH_LEASE_TTL_S = 60.0
+# How long a publisher waits for another one to finish (an HF commit of a large model is slow).
+PUBLISH_LEASE_WAIT_S = 900.0
+
+
+def _publish_lease(store: Storage, what: str) -> Any:
+    """Take the publish lease (a conditional write in storage), waiting while another holds it."""
+    from freshnet.lease import Lease, LeaseHeld
+
+    deadline = time.monotonic() + PUBLISH_LEASE_WAIT_S
+    waited = False
+    while True:
+        try:
+            return Lease(store, PUBLISH_LEASE, what=what, ttl_s=PUBLISH_LEASE_TTL_S).acquire()
+        except LeaseHeld as exc:
+            if time.monotonic() > deadline:
+                raise
+            if not waited:
+                log.info("waiting for the publish lease: %s", exc)
+                waited = True
+            time.sleep(min(1.0, PUBLISH_LEASE_TTL_S / 4))
+
+
+def _release(lease: Any) -> None:
+    try:
+        lease.release()
+    except Exception as exc:  # noqa: BLE001 - storage down: the lease expires by itself
+        log.warning(
+            "could not release the publish lease (it expires within %.0f s): %s: %s",
+            PUBLISH_LEASE_TTL_S,
+            type(exc).__name__,
+            exc,
+        )
+
+
+def settle_intent(cfg: Config, ledger: Any, token: str | None = None) -> Any:
+    """Complete or discard the publish intent a killed or failed publisher left behind.
+
+    Call with the publish lease held. The intent is completed only when the Space's head is the
+    very commit made for it (its id is in the commit title): then its ledger entry is written
+    (if it was lost) and the champion pointer moves to it. Otherwise its commit never landed and
+    the intent is discarded. Returns the completed entry, or None.
+    """
+    from freshnet import space
+    from freshnet.redact import redact
+
+    intent, _ = ledger.intent()
+    if intent is None:
+        return None
+    target = cfg.space.target
+    what = f"{intent.get('kind')} {intent.get('version')} (intent {intent['id']})"
+    if intent.get("target") != redact(target):
+        log.warning(
+            "discarding the interrupted publish %s: it went to %s, this config publishes to %s",
+            what,
+            intent.get("target"),
+            redact(target),
+        )
+        ledger.end_intent(intent["id"])
+        return None
+    entry = ledger.find_intent(intent["id"])
+    if entry is None:
+        head = space.space_head(target, token)
+        if not head or space.intent_mark(intent["id"]) not in space.commit_message(
+            target, head, token
+        ):
+            log.warning(
+                "discarding the interrupted publish %s: the Space's head %s is not its commit, "
+                "so it never landed",
+                what,
+                (head or "none")[:12],
+            )
+            ledger.end_intent(intent["id"])
+            return None
+        entry = ledger.append(**intent["entry"], commit=head, intent=intent["id"])
+        log.warning(
+            "completed the interrupted publish %s: the Space serves its commit %s, recorded as "
+            "ledger entry %d",
+            what,
+            head[:12],
+            entry.seq,
+        )
+    champion = ledger.champion()
+    if champion is None or champion.seq != entry.seq:
+        ledger.set_champion(entry)
+    ledger.end_intent(intent["id"])
+    return entry
+
+
+def _publish_locked(
+    cfg: Config, ledger: Any, lease: Any, prepare: Any, work: Path, token: str | None
+) -> tuple[Any, Path]:
+    import uuid
+
+    from freshnet import space
+    from freshnet.redact import redact
+
+    t0 = time.perf_counter()
+    target = cfg.space.target
+    settle_intent(cfg, ledger, token)
+    champion = ledger.champion()
+    same = champion is not None and redact(champion.target) == redact(target)
+    expected = champion.commit if same else None
+    head = space.space_head(target, token)
+    space.check_parent(target, head, expected)  # SpaceMoved before any work when it moved
+    served = champion if same and head == expected else (ledger.find_commit(head) if head else None)
+    release = prepare(ledger, served, work)
+    intent_id = uuid.uuid4().hex[:16]
+    fields = {
+        "version": release.version,
+        "kind": release.kind,
+        **release.fields,
+        "target": redact(target),
+        "parent_commit": head or "",
+    }
+    _, current = ledger.intent()
+    ledger.begin_intent(
+        {
+            "id": intent_id,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "version": release.version,
+            "kind": release.kind,
+            "target": redact(target),
+            "expected_parent": head,
+            "model_sha256": release.fields.get("model_sha256", ""),
+            "entry": fields,
+        },
+        current,
+    )
+    if lease.lost:
+        ledger.end_intent(intent_id)
+        raise space.PublishError(f"lost the publish lease before pushing {release.version}")
+    title = f"{release.title} {space.intent_mark(intent_id)}"
+    try:
+        commit = space.publish(release.bundle, target, title, head, token=token)
+    except Exception as exc:
+        # The commit may have landed although the call failed (a time-out after the Hub took
+        # it): settle the intent now, so the ledger names it, or drop the intent.
+        try:
+            entry = settle_intent(cfg, ledger, token)
+        except Exception as again:  # noqa: BLE001 - the next publish settles it
+            log.warning(
+                "publish of %s failed (%s); settling it failed too: %s", intent_id, exc, again
+            )
+            raise exc from None
+        if entry is None or entry.intent != intent_id:
+            raise
+        log.warning(
+            "the Space took commit %s although publishing reported %s: recorded it",
+            entry.commit[:12],
+            exc,
+        )
+    else:
+        entry = ledger.append(**fields, commit=commit, intent=intent_id)
+        ledger.set_champion(entry)
+        ledger.end_intent(intent_id)
+    log.info(
+        "published %s (%s) as %s in %.1fs",
+        entry.version,
+        entry.kind,
+        entry.commit[:12],
+        time.perf_counter() - t0,
+    )
+    return entry, release.bundle
+
+
+def publish_and_record(
+    cfg: Config, prepare: Any, token: str | None = None, what: str = "a publish"
+) -> dict:
+    """The one publish path: nightly promotion, rollback and manual promotion all come here.
+
+    Under the publish lease: settle a lost intent, check the Space's head is the champion's
+    commit, ``prepare(ledger, served_entry, work_dir)`` a space.Release, write the intent, push
+    one commit (its title carries the intent id), append the ledger entry, point the champion at
+    it, clear the intent. A publisher killed anywhere leaves state the next one settles exactly.
+    Then, outside the lease, the Space must come up (``space.wait_running``, hf targets).
+    """
+    import tempfile
+
     from freshnet import space
     from freshnet.ledger import Ledger
 
     store = open_store(cfg)
     ledger = Ledger(store)
-    champion = ledger.champion()
-    expected = champion.commit if champion and champion.target == cfg.space.target else None
-    t0 = time.perf_counter()
-    commit = space.publish(
-        Path(bundle_path),
-        cfg.space.target,
-        f"freshnet: promote {version} (holdout accuracy "
-        f"{evaluation['accuracy']:.3f}, dataset {snapshot_id})",
-        expected,
-        token=token,
-    )
-    entry = ledger.record(
-        version=version,
-        kind="promote",
-        dataset=snapshot_id,
-        metrics={"holdout_accuracy": evaluation["accuracy"], **train_result.get("metrics", {})},
-        decision=decision,
-        commit=commit,
-        model_key=train_result["model_key"],
-        model_sha256=train_result.get("model_sha256", ""),
-        target=cfg.space.target,
-    )
-    log.info("published %s as %s in %.1fs", version, commit, time.perf_counter() - t0)
-    if cfg.space.wait_running and cfg.space.target.startswith("hf://"):
-        # The commit is live and recorded; a Space that fails to start is a loud failure
-        # (rollback is one command), not a silent success.
-        examples = sorted((Path(bundle_path) / "examples").glob("*.jpg"))
-        space.wait_space(
-            cfg.space.target,
-            cfg.space.wait_timeout_s,
-            token=token,
-            canary=examples[0] if examples else None,
-        )
+    target = cfg.space.target
+    with tempfile.TemporaryDirectory(prefix="freshnet-publish-", dir=cache_dir(cfg)) as tmp:
+        lease = _publish_lease(store, what)
+        try:
+            entry, bundle = _publish_locked(cfg, ledger, lease, prepare, Path(tmp), token)
+        finally:
+            _release(lease)
+        if cfg.space.wait_running and target.startswith(space.HF_PREFIX):
+            # The commit is live and recorded; a Space that fails to start is a loud failure
+            # (rollback is one command), not a silent success.
+            examples = sorted(
+                p
+                for p in (Path(bundle) / "examples").glob("*")
+                if p.suffix.lower() in space.IMAGE_SUFFIXES
+            )
+            space.wait_space(
+                target,
+                cfg.space.wait_timeout_s,
+                token=token,
+                canary=examples[0] if examples else None,
+            )
     return vars(entry)
 
 
-def champion_step(cfg: Config) -> dict | None:
+def rollback_step(cfg: Config, version: str | None = None, token: str | None = None) -> dict:
+    """Publish an earlier version again: ``version``, or the one before what the Space serves."""
+    from freshnet import space
+
+    def prepare(ledger: Any, served: Any, work: Path) -> space.Release:
+        chosen = space.rollback_version(ledger.history(), served, version)
+        return space.republish_release(
+            cfg,
+            ledger.store,
+            ledger,
+            chosen,
+            "rollback",
+            f"rollback from {served.version}",
+            served,
+            work,
+            token,
+        )
+
+    return publish_and_record(
+        cfg, prepare, token=token, what=f"rollback to {version or 'the previous version'}"
+    )
+
+
+def promote_step(cfg: Config, version: str, reason: str, token: str | None = None) -> dict:
+    """Publish any trained version by hand (models/<version>/model.pkl), recording the reason."""
+    from freshnet import space
+    from freshnet.ledger import LedgerError
+
+    if not reason or not reason.strip():
+        raise LedgerError("a manual promotion needs a reason (--reason TEXT)")
+
+    def prepare(ledger: Any, served: Any, work: Path) -> space.Release:
+        return space.republish_release(
+            cfg, ledger.store, ledger, version, "manual", reason.strip(), served, work, token
+        )
+
+    return publish_and_record(cfg, prepare, token=token, what=f"manual promotion of {version}")
+
+
+def reconcile_step(cfg: Config, token: str | None = None) -> dict | None:
+    """Settle a lost publish intent now (under the lease) and return the champion."""
     from freshnet.ledger import Ledger
 
-    entry = Ledger(open_store(cfg)).champion()
+    store = open_store(cfg)
+    ledger = Ledger(store)
+    lease = _publish_lease(store, "reconcile")
+    try:
+        settle_intent(cfg, ledger, token)
+    finally:
+        _release(lease)
+    entry = ledger.champion()
     return vars(entry) if entry else None
+
+
+# ---- history ----------------------------------------------------------------------------------
+
+
+def record_night_step(cfg: Config, summary: dict, run: str | None = None) -> dict:
+    """Add tonight to the nights' history in storage; returns the record and the table rows."""
+    from freshnet import history
+
+    store = open_store(cfg)
+    rec = history.record(store, summary, run)
+    return {"record": rec, "rows": history.table_rows(history.recent(store))}

@@ -86,7 +86,12 @@ class Lease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            if not self._swap(self._token):
+            try:
+                renewed = self._swap(self._token)
+            except Exception as exc:  # noqa: BLE001 - storage hiccup: try again next tick
+                log.warning("lease %s: renewal failed (%s); retrying", self.name, exc)
+                continue
+            if not renewed:
                 self.lost = True  # someone took it after it expired: the holder was too slow
                 self._token = None
                 log.error("lease %s was taken over by another holder", self.name)

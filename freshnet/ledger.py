@@ -1,8 +1,13 @@
-"""The champion pointer and the append-only promotion history.
+"""The champion pointer, the append-only promotion history and the publish intent.
 
 Entries are ``ledger/entries/<seq:06d>.json``, each written once with put_if_absent, so two writers
 can never overwrite each other: the loser of a sequence number takes the next one. The champion
-pointer holds the newest entry's seq and moves only forward, by compare-and-swap.
+pointer names the entry whose commit the Space serves: the publish path (cycle.publish_and_record,
+under the publish lease) moves it to the entry it just pushed, by compare-and-swap.
+
+The intent pointer holds the one publish in flight: written before the Space commit, cleared once
+the entry and the champion pointer are written. A publish killed in between leaves it behind, and
+the next publish completes it (its commit is the Space's head) or discards it (it never landed).
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
+from freshnet.history import format_last_night
+from freshnet.redact import redact
 from freshnet.storage import NotFound, Storage
 
 log = logging.getLogger(__name__)
 
 ENTRIES = "ledger/entries/"
 POINTER = "champion"
+INTENT = "publish-intent"
 KINDS = ("promote", "rollback", "manual")
 
 
@@ -42,6 +50,7 @@ class Entry:
     target: str
     reason: str = ""
     parent_commit: str = ""  # the Space head this commit was built on
+    intent: str = ""  # the publish intent that made the commit (its id is in the commit message)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,8 +109,24 @@ class Ledger:
                 return entry
         return None
 
-    def record(self, **fields_: Any) -> Entry:
-        """Append an entry (after the Space commit succeeded) and make it the champion."""
+    def find_commit(self, commit: str) -> Entry | None:
+        """The newest entry that published Space commit ``commit``."""
+        for seq in reversed(self._seqs()):
+            entry = self.get(seq)
+            if entry.commit == commit:
+                return entry
+        return None
+
+    def find_intent(self, intent_id: str) -> Entry | None:
+        """The entry a publish intent produced (at most one), newest first."""
+        for seq in reversed(self._seqs()):
+            entry = self.get(seq)
+            if entry.intent == intent_id:
+                return entry
+        return None
+
+    def append(self, **fields_: Any) -> Entry:
+        """Append an entry (after the Space commit succeeded); the champion pointer is not moved."""
         kind = fields_.get("kind", "promote")
         if kind not in KINDS:
             raise LedgerError(f"ledger entry kind must be one of {KINDS}, got {kind!r}")
@@ -119,6 +144,8 @@ class Ledger:
         ):
             fields_.setdefault(name, default)
         fields_["kind"] = kind
+        # Stored and shown, so never with the credentials a git remote URL may carry.
+        fields_["target"] = redact(fields_["target"] or "")
         seqs = self._seqs()
         seq = (seqs[-1] if seqs else 0) + 1
         while True:
@@ -127,24 +154,60 @@ class Ledger:
             if self.store.put_if_absent(_key(seq), body):
                 break
             seq += 1  # another writer took this number: the next one is ours to try
-        self._advance_champion(entry)
         log.info(
             "ledger: %s %s as entry %d (commit %s)", kind, entry.version, seq, entry.commit[:12]
         )
         return entry
 
-    def _advance_champion(self, entry: Entry) -> None:
+    def set_champion(self, entry: Entry) -> None:
+        """Point the champion at ``entry``: the version the Space serves now.
+
+        Not "the highest seq": the pointer follows the last push, which the caller (holding the
+        publish lease) knows. Compare-and-swap still keeps a concurrent write from tearing it.
+        """
         value = json.dumps(
             {"seq": entry.seq, "version": entry.version, "commit": entry.commit}
         ).encode()
         for attempt in range(1000):
-            data, token = self.store.read_pointer(POINTER)
-            if data is not None and int(json.loads(data)["seq"]) >= entry.seq:
-                return  # a newer entry already holds the pointer: never move it backwards
+            _, token = self.store.read_pointer(POINTER)
             if self.store.swap_pointer(POINTER, value, token):
                 return
             time.sleep(min(0.001 * attempt, 0.05))
         raise LedgerError(f"could not move the champion pointer to entry {entry.seq}")
+
+    def record(self, **fields_: Any) -> Entry:
+        """Append an entry and make it the champion (callers that hold the publish lease)."""
+        entry = self.append(**fields_)
+        self.set_champion(entry)
+        return entry
+
+    # ---- the publish intent ---------------------------------------------------------------
+
+    def intent(self) -> tuple[dict | None, str | None]:
+        """The pending publish intent (None when none) and the pointer's version token."""
+        data, token = self.store.read_pointer(INTENT)
+        intent = json.loads(data) if data else None
+        return (intent if intent and intent.get("id") else None), token
+
+    def begin_intent(self, intent: dict, expected: str | None) -> None:
+        """Record ``intent`` before the Space commit; ``expected`` is the token intent() gave."""
+        body = json.dumps(intent, sort_keys=True, default=str).encode()
+        if not self.store.swap_pointer(INTENT, body, expected):
+            raise LedgerError(
+                "the publish intent changed under this publisher (another publisher without the "
+                "publish lease?); nothing was published"
+            )
+
+    def end_intent(self, intent_id: str) -> None:
+        """Clear the intent ``intent_id`` (a newer intent is left alone)."""
+        for _ in range(100):
+            current, token = self.intent()
+            if current is None or current["id"] != intent_id:
+                return
+            done = json.dumps({"id": None, "done": intent_id}).encode()
+            if self.store.swap_pointer(INTENT, done, token):
+                return
+        raise LedgerError(f"could not clear the publish intent {intent_id}")
 
 
 def format_status(store: Storage, limit: int = 20) -> str:
@@ -158,13 +221,22 @@ def format_status(store: Storage, limit: int = 20) -> str:
         acc = f"{champion.accuracy:.3f}" if champion.accuracy is not None else "n/a"
         lines += [
             f"champion: {champion.version}  (holdout accuracy {acc}, dataset {champion.dataset or 'n/a'})",
-            f"  space {champion.target} @ {champion.commit[:12]}, {champion.kind} at {champion.time}",
+            f"  space {redact(champion.target)} @ {champion.commit[:12]}, {champion.kind} at {champion.time}",
         ]
         if champion.reason:
             lines.append(f"  reason: {champion.reason}")
         report = f"decisions/{champion.version}.md"
         if store.exists(report):
             lines.append(f"  decision report: {store.url(report)}")
+    intent, _ = ledger.intent()
+    if intent:
+        lines.append(
+            f"publish pending: {intent.get('kind')} {intent.get('version')} (intent {intent['id']}, "
+            f"since {intent.get('time', '?')}): in progress, or interrupted; the next publish "
+            "records it if the Space serves its commit, else discards it"
+        )
+    # The last night may have kept the champion or stopped: the ledger alone would not say so.
+    lines += ["", *format_last_night(store)]
     history = ledger.history()
     if history:
         lines += ["", f"history ({len(history)} entries, newest first):"]

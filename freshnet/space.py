@@ -10,13 +10,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 from freshnet.config import SpaceConfig
+from freshnet.redact import redact
 from freshnet.storage import sha256_file
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ def _git(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.
     proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
         raise PublishError(
-            f"git {' '.join(args[:2])} failed: {proc.stderr.strip() or proc.stdout.strip()}"
+            redact(f"git {' '.join(args[:2])} failed: {proc.stderr.strip() or proc.stdout.strip()}")
         )
     return proc
 
@@ -326,7 +326,9 @@ class GitPublisher:
         if proc.returncode != 0:
             if self.local:
                 return None
-            raise PublishError(f"cannot read the Space at {self.target}: {proc.stderr.strip()}")
+            raise PublishError(
+                redact(f"cannot read the Space at {self.target}: {proc.stderr.strip()}")
+            )
         first = proc.stdout.split()
         return first[0] if first else None
 
@@ -352,10 +354,10 @@ class GitPublisher:
             work = Path(tmp) / "work"
             if head:
                 _git("clone", "-q", "--branch", self.branch, self.remote, str(work))
-                _resolve_parent(self.target, head, expected_parent, lambda c: _git_commit(work, c))
+                check_parent(self.target, head, expected_parent)
                 _git("rm", "-r", "-q", "--ignore-unmatch", ".", cwd=work)
             else:
-                _resolve_parent(self.target, head, expected_parent, lambda c: (None, ""))
+                check_parent(self.target, head, expected_parent)
                 work.mkdir()
                 _git("init", "-q", "-b", self.branch, cwd=work)
                 _git("remote", "add", "origin", self.remote, cwd=work)
@@ -375,49 +377,43 @@ class GitPublisher:
                 now = self.head()
                 if now != head:
                     raise SpaceMoved(
-                        f"Space {self.target} moved while publishing: head is now {now}, "
-                        f"expected {head}; nothing was recorded, re-run to publish on top of it"
+                        redact(
+                            f"Space {self.target} moved while publishing: head is now {now}, "
+                            f"expected {head}; nothing was recorded, re-run to publish on top of it"
+                        )
                     )
-                raise PublishError(f"git push to {self.target} failed: {push.stderr.strip()}")
-        log.info("published %s to %s", commit[:12], self.target)
+                raise PublishError(
+                    redact(f"git push to {self.target} failed: {push.stderr.strip()}")
+                )
+        log.info("published %s to %s", commit[:12], redact(self.target))
         return commit
 
+    def message(self, commit: str) -> str:
+        """The full message of ``commit`` (a local repo is read in place, a remote is fetched)."""
+        if self.local:
+            return _git("log", "-1", "--format=%B", commit, cwd=Path(self.remote)).stdout
+        with tempfile.TemporaryDirectory(prefix="freshnet-space-msg-") as tmp:
+            _git("init", "-q", tmp)
+            _git(
+                "fetch", "-q", "--depth=1", self.remote, f"refs/heads/{self.branch}", cwd=Path(tmp)
+            )
+            fetched = _git("rev-parse", "FETCH_HEAD", cwd=Path(tmp)).stdout.strip()
+            if fetched != commit:
+                return ""  # the head moved on since: the caller's commit is no longer the head
+            return _git("log", "-1", "--format=%B", "FETCH_HEAD", cwd=Path(tmp)).stdout
 
-def _git_commit(repo: Path, commit: str) -> tuple[str | None, str]:
-    """(first parent, subject) of a commit in a local clone."""
-    out = _git("log", "-1", "--format=%P%x00%s", commit, cwd=repo).stdout.strip()
-    parents, _, subject = out.partition("\x00")
-    return (parents.split()[0] if parents.split() else None), subject
 
-
-def _resolve_parent(
-    target: str,
-    head: str | None,
-    expected: str | None,
-    describe: Callable[[str], tuple[str | None, str]],
-) -> str | None:
+def check_parent(target: str, head: str | None, expected: str | None) -> str | None:
     """The head to publish on top of, or SpaceMoved.
 
-    A head exactly one freshnet commit ahead of what the ledger expected is our own publish whose
-    ledger write was lost (storage down at the wrong moment): building on it heals the torn state,
-    and the new ledger entry makes ledger and Space agree again. Anything else is someone else's
-    change and is refused.
+    Only the exact head the ledger names is built upon. A commit of our own whose ledger entry
+    was lost is recorded before this point by the publish path (its intent names it exactly), so
+    any other head is someone else's change and is refused.
     """
     if expected is None or head == expected:
         return head
-    if head is not None:
-        parent, subject = describe(head)
-        if parent == expected and subject.startswith("freshnet:"):
-            log.warning(
-                "Space %s is one unrecorded freshnet commit ahead of the ledger (%s: %r): a publish "
-                "whose ledger write failed; publishing on top of it",
-                target,
-                head[:12],
-                subject,
-            )
-            return head
     raise SpaceMoved(
-        f"Space {target} is at {head or 'no commit'}, but the ledger expected {expected}: "
+        f"Space {redact(target)} is at {head or 'no commit'}, but the ledger expected {expected}: "
         "someone else changed the Space; inspect it, then roll back or promote explicitly"
     )
 
@@ -441,21 +437,27 @@ class HfPublisher:
         return HfApi(endpoint=self.endpoint, token=self._token)
 
     def head(self) -> str | None:
-        from huggingface_hub.errors import RepositoryNotFoundError
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
         try:
             return self._api().space_info(self.repo_id).sha
         except RepositoryNotFoundError:
             return None
+        except HfHubHTTPError as exc:
+            raise PublishError(f"cannot read Space {self.repo_id}: {_http_reason(exc)}") from None
 
-    def _describe(self, commit: str) -> tuple[str | None, str]:
-        """(parent, title) of ``commit``; the Space history is linear (one commit per publish)."""
-        commits = self._api().list_repo_commits(self.repo_id, repo_type="space")
-        ids = [c.commit_id for c in commits]
-        if commit not in ids:
-            return None, ""
-        i = ids.index(commit)
-        return (ids[i + 1] if i + 1 < len(ids) else None), commits[i].title
+    def message(self, commit: str) -> str:
+        """Title and message of ``commit`` ("" when the Space has no such commit)."""
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            commits = self._api().list_repo_commits(self.repo_id, repo_type="space")
+        except HfHubHTTPError as exc:
+            raise PublishError(f"cannot read Space {self.repo_id}: {_http_reason(exc)}") from None
+        for c in commits:
+            if c.commit_id == commit:
+                return f"{c.title}\n\n{c.message or ''}"
+        return ""
 
     def publish(self, bundle: Path, message: str, expected_parent: str | None) -> str:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -467,9 +469,7 @@ class HfPublisher:
             info = api.space_info(self.repo_id)
         except HfHubHTTPError as exc:
             raise PublishError(f"Space {self.repo_id}: {_http_reason(exc)}") from None
-        base = _resolve_parent(
-            f"hf://spaces/{self.repo_id}", info.sha, expected_parent, self._describe
-        )
+        base = check_parent(f"hf://spaces/{self.repo_id}", info.sha, expected_parent)
         files = bundle_files(bundle)
         existing = {s.rfilename for s in (info.siblings or [])}
         ops: list[Any] = [CommitOperationAdd(rel, str(Path(bundle) / rel)) for rel in files]
@@ -525,7 +525,7 @@ def publisher_for(target: str, token: str | None = None) -> GitPublisher | HfPub
     if target.startswith(HF_PREFIX):
         return HfPublisher(target[len(HF_PREFIX) :].strip("/"), token=token)
     if target.startswith("hf://"):
-        raise PublishError(f"Space target {target!r}: use hf://spaces/<owner>/<name>")
+        raise PublishError(f"Space target {redact(target)!r}: use hf://spaces/<owner>/<name>")
     return GitPublisher(target)
 
 
@@ -547,6 +547,19 @@ def publish(
 def space_head(target: str, token: str | None = None) -> str | None:
     """The Space's current commit, or None when it has none yet."""
     return publisher_for(target, token).head()
+
+
+def commit_message(target: str, commit: str, token: str | None = None) -> str:
+    """The message of Space commit ``commit`` ("" when the Space does not have it)."""
+    return publisher_for(target, token).message(commit)
+
+
+INTENT_MARK = "[freshnet-intent {}]"
+
+
+def intent_mark(intent_id: str) -> str:
+    """The marker a publish puts in its commit title: the next publish finds its commit by it."""
+    return INTENT_MARK.format(intent_id)
 
 
 def wait_space(
@@ -583,10 +596,23 @@ def wait_space(
 # --------------------------------------------------------------------------- rollback / manual
 
 
-def _bundle_inputs_from_space(target: str, commit: str, dest: Path) -> tuple[dict, list[Path]]:
+@dataclass
+class Release:
+    """A bundle ready to push and what its ledger entry will say (the publish path records it)."""
+
+    version: str
+    kind: str  # promote | rollback | manual
+    bundle: Path
+    title: str  # the commit title; the publish path appends the intent mark
+    fields: dict[str, Any]  # dataset, metrics, decision, model_key, model_sha256, reason
+
+
+def _bundle_inputs_from_space(
+    target: str, commit: str, dest: Path, token: str | None = None
+) -> tuple[dict, list[Path]]:
     """metadata.json and examples/ of the bundle published as ``commit`` (to rebuild it)."""
     dest.mkdir(parents=True, exist_ok=True)
-    pub = publisher_for(target)
+    pub = publisher_for(target, token)
     if isinstance(pub, HfPublisher):
         from huggingface_hub import hf_hub_download
 
@@ -616,87 +642,125 @@ def _bundle_inputs_from_space(target: str, commit: str, dest: Path) -> tuple[dic
     return meta, examples
 
 
-def _republish(
+def rollback_version(history: list[Any], served: Any, version: str | None) -> str:
+    """The version a rollback restores: ``version``, or the one before what the Space serves.
+
+    ``served`` is the ledger entry whose commit is the Space's head (not the newest entry).
+    """
+    from freshnet.ledger import LedgerError
+
+    if not history:
+        raise LedgerError("nothing to roll back: no model has been published yet")
+    if served is None:
+        raise LedgerError(
+            "nothing to roll back from: the Space serves a commit no ledger entry names"
+        )
+    if version is None:
+        earlier = [e for e in history if e.seq < served.seq and e.version != served.version]
+        if not earlier:
+            raise LedgerError(
+                f"nothing to roll back to: {served.version} is the only version published"
+            )
+        return earlier[-1].version
+    if not any(e.version == version for e in history):
+        known = ", ".join(dict.fromkeys(e.version for e in history))
+        raise LedgerError(f"version {version!r} was never published; published versions: {known}")
+    if version == served.version:
+        raise LedgerError(
+            f"{version} is already what the Space serves (commit {served.commit[:12]})"
+        )
+    return version
+
+
+def republish_release(
     cfg: Any,
     store: Any,
+    ledger: Any,
     version: str,
     kind: str,
     reason: str,
-    work_dir: Path | None,
-) -> Any:
-    from freshnet.ledger import Ledger, LedgerError
-    from freshnet.storage import NotFound, open_storage
+    served: Any,
+    work_dir: Path,
+    token: str | None = None,
+) -> Release:
+    """The bundle of an earlier or trained ``version`` (models/<version>/model.pkl), rebuilt.
 
-    store = store or open_storage(cfg.storage)
-    ledger = Ledger(store)
-    champion = ledger.champion()
+    The model comes from storage and must match the sha256 the ledger recorded; metadata and
+    examples come from the Space commit that served it before, when it can still be read.
+    """
+    from freshnet.ledger import LedgerError
+    from freshnet.storage import NotFound
+
     earlier = ledger.find(version)
     target = cfg.space.target
-    with tempfile.TemporaryDirectory(prefix="freshnet-republish-", dir=work_dir) as tmp:
-        tmp_path = Path(tmp)
-        model_key = (
-            earlier.model_key if earlier and earlier.model_key else f"models/{version}/model.pkl"
+    model_key = (
+        earlier.model_key if earlier and earlier.model_key else f"models/{version}/model.pkl"
+    )
+    try:
+        model_path = store.get_to_file(model_key, work_dir / "model.pkl")
+    except NotFound:
+        raise LedgerError(
+            f"model of {version} is not in storage ({redact(store.url(model_key))})"
+        ) from None
+    digest = sha256_file(model_path)
+    if earlier and earlier.model_sha256 and digest != earlier.model_sha256:
+        raise LedgerError(
+            f"model of {version} in storage has sha256 {digest[:12]}, the ledger recorded "
+            f"{earlier.model_sha256[:12]}: refusing to publish a different model"
         )
+    meta: dict[str, Any] = {}
+    examples: list[Path] = []
+    # The ledger stores targets redacted: an old bundle is read from this config's target when
+    # it is the same Space (its credentials are here), else from the recorded one.
+    source = next(
+        (
+            (target if redact(e.target) == redact(target) else e.target, e.commit)
+            for e in (earlier, served)
+            if e is not None and e.commit
+        ),
+        None,
+    )
+    if source:
         try:
-            model_path = store.get_to_file(model_key, tmp_path / "model.pkl")
-        except NotFound:
-            raise LedgerError(
-                f"model of {version} is not in storage ({store.url(model_key)})"
-            ) from None
-        digest = sha256_file(model_path)
-        if earlier and earlier.model_sha256 and digest != earlier.model_sha256:
-            raise LedgerError(
-                f"model of {version} in storage has sha256 {digest[:12]}, the ledger recorded "
-                f"{earlier.model_sha256[:12]}: refusing to publish a different model"
+            meta, examples = _bundle_inputs_from_space(
+                source[0], source[1], work_dir / "old", token
             )
-        meta: dict[str, Any] = {}
-        examples: list[Path] = []
-        source = None
-        if earlier and earlier.commit:
-            source = (earlier.target or target, earlier.commit)
-        elif champion and champion.commit:
-            source = (champion.target or target, champion.commit)  # reuse its examples only
-        if source:
-            try:
-                meta, examples = _bundle_inputs_from_space(source[0], source[1], tmp_path / "old")
-            except Exception as exc:  # the old bundle is a convenience, the model is what matters
-                log.warning(
-                    "could not read the bundle of %s from the Space: %s", source[1][:12], exc
-                )
-        if not earlier or meta.get("version") != version:
-            meta = {
-                "version": version,
-                "date": datetime_now(),
-                "holdout_accuracy": _eval_accuracy(store, version),
-                "classes": meta.get("classes"),
-            }
-        if not examples and cfg.space.examples_dir:
-            examples = sorted(
-                p
-                for p in Path(cfg.space.examples_dir).glob("*")
-                if p.suffix.lower() in IMAGE_SUFFIXES
+        except Exception as exc:  # noqa: BLE001 - the old bundle is a convenience, the model matters
+            log.warning(
+                "could not read the bundle of %s from the Space: %s",
+                source[1][:12],
+                redact(str(exc)),
             )
-        meta = {k: v for k, v in meta.items() if k not in ("examples", "model_sha256")}
-        meta["published_as"] = kind
-        bundle = build_bundle(model_path, meta, examples, tmp_path / "bundle", cfg.space)
-        expected = champion.commit if champion and champion.target == target else None
-        message = f"freshnet: {kind} to {version}" + (f" ({reason})" if reason else "")
-        commit = publish(bundle, target, message, expected)
-        return ledger.record(
-            version=version,
-            kind=kind,
-            dataset=(earlier.dataset if earlier else meta.get("dataset")) or "",
-            metrics=earlier.metrics
+    if not earlier or meta.get("version") != version:
+        meta = {
+            "version": version,
+            "date": datetime_now(),
+            "holdout_accuracy": _eval_accuracy(store, version),
+            "classes": meta.get("classes"),
+        }
+    if not examples and cfg.space.examples_dir:
+        examples = sorted(
+            p for p in Path(cfg.space.examples_dir).glob("*") if p.suffix.lower() in IMAGE_SUFFIXES
+        )
+    meta = {k: v for k, v in meta.items() if k not in ("examples", "model_sha256")}
+    meta["published_as"] = kind
+    bundle = build_bundle(model_path, meta, examples, work_dir / "bundle", cfg.space)
+    return Release(
+        version=version,
+        kind=kind,
+        bundle=bundle,
+        title=f"freshnet: {kind} to {version}" + (f" ({reason})" if reason else ""),
+        fields={
+            "dataset": (earlier.dataset if earlier else meta.get("dataset")) or "",
+            "metrics": earlier.metrics
             if earlier
             else {"holdout_accuracy": meta.get("holdout_accuracy")},
-            decision=earlier.decision if earlier else {},
-            commit=commit,
-            model_key=model_key,
-            model_sha256=digest,
-            target=target,
-            reason=reason,
-            parent_commit=expected or "",
-        )
+            "decision": earlier.decision if earlier else {},
+            "model_key": model_key,
+            "model_sha256": digest,
+            "reason": reason,
+        },
+    )
 
 
 def datetime_now() -> str:
@@ -713,42 +777,3 @@ def _eval_accuracy(store: Any, version: str) -> float | None:
         return float(json.loads(store.get(keys[-1]))["accuracy"])
     except (KeyError, ValueError, TypeError):
         return None
-
-
-def rollback(cfg: Any, version: str | None = None, store: Any = None, work_dir: Path | None = None):
-    """Republish an earlier ledger version (default: the one before the champion) as a new commit."""
-    from freshnet.ledger import Ledger, LedgerError
-    from freshnet.storage import open_storage
-
-    store = store or open_storage(cfg.storage)
-    ledger = Ledger(store)
-    champion = ledger.champion()
-    if champion is None:
-        raise LedgerError("nothing to roll back: no model has been published yet")
-    history = ledger.history()
-    if version is None:
-        earlier = [e for e in history if e.seq < champion.seq and e.version != champion.version]
-        if not earlier:
-            raise LedgerError(
-                f"nothing to roll back to: {champion.version} is the only version published"
-            )
-        version = earlier[-1].version
-    elif ledger.find(version) is None:
-        known = ", ".join(dict.fromkeys(e.version for e in history))
-        raise LedgerError(f"version {version!r} was never published; published versions: {known}")
-    if version == champion.version:
-        raise LedgerError(f"{version} is already the champion (commit {champion.commit[:12]})")
-    return _republish(
-        cfg, store, version, "rollback", f"rollback from {champion.version}", work_dir
-    )
-
-
-def promote_manual(
-    cfg: Any, version: str, reason: str, store: Any = None, work_dir: Path | None = None
-):
-    """Publish any trained version by hand (models/<version>/model.pkl), recording the reason."""
-    from freshnet.ledger import LedgerError
-
-    if not reason or not reason.strip():
-        raise LedgerError("a manual promotion needs a reason (--reason TEXT)")
-    return _republish(cfg, store, version, "manual", reason.strip(), work_dir)

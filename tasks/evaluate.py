@@ -6,6 +6,7 @@ from prefect import task
 
 from freshnet import cycle
 from freshnet.config import Config
+from tasks.publish import hf_token
 from tasks.report import publish_decision
 
 
@@ -31,4 +32,4 @@ def decide_promotion(
 
 @task
 def read_champion(cfg: Config) -> dict | None:
-    return cycle.champion_step(cfg)
+    return cycle.champion_step(cfg, token=hf_token(cfg))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from prefect import task
 from prefect.events import emit_event
 
@@ -9,14 +11,27 @@ from freshnet import cycle
 from freshnet.config import Config
 from tasks.report import publish_commit
 
+log = logging.getLogger(__name__)
+
 
 def hf_token(cfg: Config) -> str | None:
-    """The HF token at run time: a Prefect Secret block when configured, else HF_TOKEN (or none)."""
-    if not cfg.space.hf_token_secret:
-        return None  # huggingface_hub reads HF_TOKEN itself
-    from prefect.blocks.system import Secret
+    """The HF token at run time, the same for every publish: the Secret block when it exists.
 
-    return Secret.load(cfg.space.hf_token_secret).get()
+    hf targets only. Without the block (an embedded run, no bootstrap) it is HF_TOKEN, which
+    huggingface_hub reads itself (None here).
+    """
+    if not cfg.space.target.startswith("hf://") or not cfg.space.hf_token_secret:
+        return None
+    from prefect.blocks.system import Secret
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return Secret.load(cfg.space.hf_token_secret).get()
+    except ValueError as exc:
+        if not isinstance(exc.__cause__, ObjectNotFound):
+            raise
+        log.info("no Secret block %r: the HF token comes from HF_TOKEN", cfg.space.hf_token_secret)
+        return None
 
 
 @task
@@ -70,9 +85,15 @@ def announce_promotion(cfg: Config, entry: dict) -> None:
 
 @task
 def rollback_space(cfg: Config, version: str | None) -> dict:
-    from freshnet import space
+    entry = cycle.rollback_step(cfg, version, token=hf_token(cfg))
+    publish_commit(cfg, entry)
+    announce_promotion(cfg, entry)
+    return entry
 
-    entry = vars(space.rollback(cfg, version))
+
+@task
+def promote_space(cfg: Config, version: str, reason: str) -> dict:
+    entry = cycle.promote_step(cfg, version, reason, token=hf_token(cfg))
     publish_commit(cfg, entry)
     announce_promotion(cfg, entry)
     return entry

@@ -37,14 +37,20 @@ class Request:
 
 
 class HubStandIn:
-    def __init__(self) -> None:
+    def __init__(self, token: str | None = None) -> None:
+        # With a token, every request must carry it (as the Hub does for writes and private
+        # Spaces): a missing or wrong one gets 401.
+        self.token = token
         self.repos: dict[str, Repo] = {}
         self.requests: list[Request] = []
         self.runtime_stage = "RUNNING"
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # A short poll interval: shutdown() waits for it (0.5 s by default, per test).
+        self.thread = threading.Thread(
+            target=lambda: self.server.serve_forever(poll_interval=0.05), daemon=True
+        )
 
     def __enter__(self) -> HubStandIn:
         self.thread.start()
@@ -104,8 +110,20 @@ class HubStandIn:
                 )
                 return body
 
+            def _denied(self) -> bool:
+                if hub.token is None:
+                    return False
+                sent = self.headers.get("Authorization")
+                if sent == f"Bearer {hub.token}":
+                    return False
+                error = "Invalid credentials in Authorization header" if sent else "Unauthorized"
+                self._send(401, {"error": error}, {"X-Error-Message": error})
+                return True
+
             def do_GET(self) -> None:
                 self._record()
+                if self._denied():
+                    return
                 path = self.path.split("?")[0]
                 if m := re.fullmatch(r"/api/spaces/([^/]+/[^/]+)/runtime", path):
                     if m.group(1) not in hub.repos:
@@ -150,6 +168,8 @@ class HubStandIn:
 
             def do_POST(self) -> None:
                 body = self._record()
+                if self._denied():
+                    return
                 path = self.path.split("?")[0]
                 if path == "/api/repos/create":
                     payload = json.loads(body)

@@ -186,21 +186,20 @@ def test_git_publish_local_path_one_commit_each(bundle, tmp_path):
     assert space.space_head(str(target)) == c2  # refused: nothing changed
 
 
-def test_git_publish_heals_a_torn_publish_but_not_a_foreign_commit(bundle, tmp_path):
-    """A freshnet commit the ledger never recorded (its write failed) is built upon, once."""
+def test_git_publish_builds_only_on_the_exact_expected_head(bundle, tmp_path):
+    """No "one freshnet commit ahead" guess: a head the ledger does not name is refused.
+
+    (A lost ledger entry is recorded by the publish path from its intent, see
+    tests/test_publish_faults.py, before the publisher is asked to build on it.)
+    """
     target = str(tmp_path / "space")
     c1 = space.publish(bundle, target, "freshnet: promote v1", None)
-    orphan = space.publish(bundle, target, "freshnet: promote v2", c1)  # ledger write lost
-    c3 = space.publish(bundle, target, "freshnet: promote v3", c1)  # ledger still says c1
-    assert _git("rev-parse", f"{c3}^", cwd=Path(target)).strip() == orphan
-    # Two commits ahead, or a commit that is not freshnet's: refused, nothing changes.
-    with pytest.raises(space.SpaceMoved, match="someone else changed the Space"):
-        space.publish(bundle, target, "freshnet: promote v4", c1)
-    foreign = tmp_path / "foreign"
-    f1 = space.publish(bundle, str(foreign), "freshnet: promote v1", None)
-    space.publish(bundle, str(foreign), "hand-made fix", f1)
-    with pytest.raises(space.SpaceMoved):
-        space.publish(bundle, str(foreign), "freshnet: promote v2", f1)
+    orphan = space.publish(bundle, target, "freshnet: promote v2 [freshnet-intent abc]", c1)
+    with pytest.raises(space.SpaceMoved, match=f"is at {orphan}, but the ledger expected {c1}"):
+        space.publish(bundle, target, "freshnet: promote v3", c1)
+    assert space.space_head(target) == orphan
+    assert space.intent_mark("abc") in space.commit_message(target, orphan)
+    assert "freshnet-intent" not in space.commit_message(target, c1)
 
 
 def test_git_publish_to_remote_url(bundle, tmp_path):
@@ -274,33 +273,42 @@ def test_hf_publisher_refuses_when_space_moved(bundle, monkeypatch):
 
         # The race the pre-check cannot see: the head moves between info and commit -> HTTP 412.
         pub = space.HfPublisher("alice/flowers")
-        real_resolve = space._resolve_parent
+        real_resolve = space.check_parent
 
         def move_then_check(*args):
             base = real_resolve(*args)
             hub.push_elsewhere("alice/flowers")
             return base
 
-        monkeypatch.setattr(space, "_resolve_parent", move_then_check)
+        monkeypatch.setattr(space, "check_parent", move_then_check)
         with pytest.raises(space.SpaceMoved, match="HTTP 412"):
             pub.publish(bundle, "promote v2", other)
         assert len([r for r in hub.requests if "/commit/" in r.path]) == 2
 
 
-def test_hf_publisher_heals_a_torn_publish(bundle, monkeypatch):
+def test_hf_publisher_builds_only_on_the_exact_expected_head(bundle, monkeypatch):
     with HubStandIn() as hub:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         target = "hf://spaces/alice/flowers"
         c1 = space.publish(bundle, target, "freshnet: promote v1", None)
-        orphan = space.publish(bundle, target, "freshnet: promote v2", c1)
-        c3 = space.publish(bundle, target, "freshnet: promote v3", c1)
-        assert hub.repos["alice/flowers"].sha == c3 != orphan
-        assert [c["summary"] for c in hub.repos["alice/flowers"].commits][
-            -1
-        ] == "freshnet: promote v3"
-        hub.push_elsewhere("alice/flowers")
+        orphan = space.publish(bundle, target, "freshnet: promote v2 [freshnet-intent abc]", c1)
         with pytest.raises(space.SpaceMoved, match="someone else changed the Space"):
-            space.publish(bundle, target, "freshnet: promote v4", c3)
+            space.publish(bundle, target, "freshnet: promote v3", c1)
+        assert hub.repos["alice/flowers"].sha == orphan
+        assert space.intent_mark("abc") in space.commit_message(target, orphan)
+        assert space.commit_message(target, "0" * 40) == ""
+
+
+def test_hf_publisher_with_a_wrong_token_is_refused(bundle, monkeypatch):
+    with HubStandIn(token="hf_right") as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_wrong")
+        target = "hf://spaces/alice/flowers"
+        with pytest.raises(space.PublishError, match="HTTP 401"):
+            space.publish(bundle, target, "freshnet: promote v1", None)
+        assert hub.repos == {}
+        c1 = space.publish(bundle, target, "freshnet: promote v1", None, token="hf_right")
+        assert space.space_head(target, token="hf_right") == c1
 
 
 def test_hf_target_errors():
