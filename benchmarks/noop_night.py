@@ -24,6 +24,32 @@ from tests.served_stack import FAST_TRAIN_ENV, ServedStack  # noqa: E402
 NOOP_CONFIG = "configs/bench-noop.toml"
 
 
+def explain(stack: ServedStack, nights: list[dict]) -> str:
+    """Which nightly run started each train run, and what each night decided (for a failure)."""
+    assert stack.api is not None
+    lines = []
+    for night in nights:
+        st = night["state"] or {}
+        lines.append(f"nightly {night['name']} {night['id']}: {st.get('type')} {st.get('message')}")
+        for t in stack.api.task_runs(night["id"]):
+            tst = t.get("state") or {}
+            lines.append(f"  task {t['name']}: {tst.get('type')} {tst.get('message') or ''}")
+    for run in stack.api.flow_runs("train"):
+        st = run["state"] or {}
+        lines.append(
+            f"train {run['name']} created {run['created']} version "
+            f"{run['parameters'].get('version')} parent task {run['parent_task_run_id']} "
+            f"runs {run.get('run_count')}: {st.get('type')} {st.get('message')}"
+        )
+    store = stack.direct_storage()
+    for key in store.list("decisions/"):
+        if key.endswith(".json"):
+            d = json.loads(store.get(key))["decision"]
+            lines.append(f"{key}: promote={d.get('promote')} {d.get('reasons')}")
+    lines.append(f"ledger: {stack.ledger()}")
+    return "\n".join(lines)
+
+
 def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="freshnet-noop-"))
     stack = ServedStack(root, FAST_TRAIN_ENV)
@@ -56,6 +82,7 @@ def main() -> int:
         trains = len(stack.api.flow_runs("train")) if stack.api else -1
         if noop["state"]["type"] != "COMPLETED" or trains != 1:
             print(stack.diagnostics(), file=sys.stderr)
+            print(explain(stack, [first, noop, again]), file=sys.stderr)
             raise SystemExit(f"no-op night failed or trained (train runs: {trains})")
     finally:
         stack.stop()

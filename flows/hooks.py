@@ -13,6 +13,7 @@ from prefect.deployments import run_deployment
 from flows.train import train
 from freshnet import cycle
 from freshnet.config import Config
+from freshnet.redact import redact, redact_value
 
 log = logging.getLogger(__name__)
 # Train runs one night may start (each after the previous one ended without a result).
@@ -31,7 +32,7 @@ def run_training(cfg: Config, snapshot_id: str, version: str, init_key: str | No
         log.info("training of %s finished in an earlier attempt: reusing it", version)
         return done
     params = {
-        "config": cfg.dump(),
+        "config": train_config(cfg),
         "snapshot_id": snapshot_id,
         "version": version,
         "init_model_key": init_key,
@@ -68,9 +69,18 @@ def run_training(cfg: Config, snapshot_id: str, version: str, init_key: str | No
     raise RuntimeError(f"training of {version} failed in {MAX_TRAIN_RUNS} runs; champion unchanged")
 
 
+def train_config(cfg: Config) -> dict:
+    """The config as the train flow's parameter: Prefect stores and shows parameters, so the
+    Space section (a git target may carry a token) is redacted; training never publishes."""
+    config = cfg.dump()
+    config["space"] = redact_value(config["space"])
+    return config
+
+
 def notify_failure(flow, flow_run, state) -> None:
     """Log loudly and, when FRESHNET_WEBHOOK_URL is set, POST a JSON notice (Slack-compatible)."""
-    text = f"freshnet: flow run {flow_run.name} ({flow.name}) {state.name}: {state.message}"
+    # The failure message often quotes the Space target, which may carry a token.
+    text = redact(f"freshnet: flow run {flow_run.name} ({flow.name}) {state.name}: {state.message}")
     log.error(text)
     url = os.environ.get("FRESHNET_WEBHOOK_URL")
     if not url:
@@ -80,5 +90,5 @@ def notify_failure(flow, flow_run, state) -> None:
     )
     try:
         urllib.request.urlopen(req, timeout=10).close()
-    except OSError as exc:  # a notifier must never mask the original failure
-        log.warning("failure webhook %s did not answer: %s", url, exc)
+    except Exception as exc:  # noqa: BLE001 - a notifier must never mask the original failure
+        log.warning("failure webhook %s did not answer: %s", redact(url), redact(str(exc)))

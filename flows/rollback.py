@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.hooks import notify_failure
+from flows.logs import run_logs
 from freshnet.config import load_config
 from tasks.publish import rollback_space
 
@@ -12,4 +13,5 @@ from tasks.publish import rollback_space
 @flow(name="rollback", on_failure=[notify_failure])
 def rollback(config: str = "configs/demo.toml", version: str | None = None) -> dict:
     """Restore ``version`` (default: the previous champion)."""
-    return rollback_space(load_config(config), version)
+    with run_logs():
+        return rollback_space(load_config(config), version)

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
-from prefect import flow
+import copy
+import os
 
-from freshnet.config import parse_config
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.logs import run_logs
+from freshnet.config import apply_env, parse_config
 from tasks.train import train_model
 
 
-@flow(name="train", log_prints=False)
+def train_run_name() -> str:
+    """The model version (a retry that run_deployment already named `<version>-<n>` keeps it)."""
+    version = str(flow_run.parameters.get("version"))
+    name = flow_run.name or ""
+    return name if name.startswith(version) else version
+
+
+@flow(name="train", flow_run_name=train_run_name, log_prints=False)
 def train(config: dict, snapshot_id: str, version: str, init_model_key: str | None = None) -> dict:
-    """Train on a snapshot; the model and its result dict land in storage under models/<version>/."""
-    cfg = parse_config(config, "train flow parameter 'config'")
-    return train_model(cfg, snapshot_id, version, init_model_key)
+    """Train on a snapshot; the model and its result dict land in storage under models/<version>/.
+
+    ``config`` is the nightly run's config; this machine's FRESHNET_* overrides apply on top, so
+    a GPU machine can set its own (train.device, train.batch_size, train.num_workers, ...).
+    """
+    with run_logs():
+        data = apply_env(copy.deepcopy(config), os.environ)
+        cfg = parse_config(
+            data, "train flow parameter 'config' with this machine's FRESHNET_* overrides"
+        )
+        return train_model(cfg, snapshot_id, version, init_model_key)

@@ -60,9 +60,9 @@ def config_fingerprint(cfg: Config) -> str:
 
 
 def search_step(cfg: Config, night: str) -> dict:
-    from freshnet import sources
+    from freshnet import feedback
 
-    report = sources.search(cfg, night)
+    report = feedback.search_all(cfg, night)
     data = report.to_dict()
     key = put_json(open_store(cfg), f"nights/{night}/search.json", data)
     log.info("night %s: %d candidate URLs (%s)", night, len(report.candidates), key)

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import secrets
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -508,7 +509,9 @@ def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> 
         }
         trusted |= {pending[i]["label"] for i in comp if pending[i]["source"] != "feedback"}
         trusted |= set().union(*(batch_conflicts.get(i, set()) for i in comp))
-        all_labels = comp_labels | trusted | {labels[r] for r in existing if status[r] == "feedback"}
+        all_labels = (
+            comp_labels | trusted | {labels[r] for r in existing if status[r] == "feedback"}
+        )
         dropped_only = bool(existing) and all(status[r] == "dropped" for r in existing)
         for pos, i in enumerate(sorted(comp)):
             o = pending[i]
@@ -626,10 +629,8 @@ def snapshot_id(manifest: pd.DataFrame) -> str:
 def make_snapshot(store: Storage, cfg: Config) -> Snapshot:
     """Immutable manifest of the status-ok images of cfg.classes, named by its content hash."""
     df = load_catalog(store)
-    from .feedback import cap_share
-
     m = df[(df["status"] == "ok") & df["label"].isin(cfg.classes)][SNAPSHOT_COLUMNS]
-    m, waiting = cap_share(m, cfg.feedback.max_share)
+    m, waiting = cap_feedback_share(m, cfg.feedback.max_share)
     if waiting:
         log.info(
             "snapshot: %d accepted feedback image(s) wait (feedback.max_share %g)",
@@ -890,3 +891,24 @@ def quarantine_images(
             continue
         return n
     raise CatalogConflict("quarantine_images: the catalog kept changing under it; rerun")
+
+
+def cap_feedback_share(manifest: pd.DataFrame, share: float) -> tuple[pd.DataFrame, int]:
+    """Keep feedback rows at most ``share`` of each (label, split); oldest kept first.
+
+    Returns the rows kept and how many feedback rows wait (they join as the class grows).
+    """
+    is_fb = manifest["source"] == "feedback"
+    if share >= 1 or not is_fb.any():
+        return manifest, 0
+    drop: list[Any] = []
+    for (_label, _split), part in manifest.groupby(["label", "split"]):
+        fb = part[part["source"] == "feedback"]
+        if fb.empty:
+            continue
+        others = len(part) - len(fb)
+        allowed = math.floor(share * others / (1 - share) + 1e-9)
+        if len(fb) > allowed:
+            fb = fb.sort_values(["first_seen", "sha256"], kind="stable")
+            drop += list(fb.index[allowed:])
+    return manifest.drop(index=drop), len(drop)

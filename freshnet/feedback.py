@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from freshnet import dataset, sources
 from freshnet.config import Config
 from freshnet.sources import Candidate, SearchReport, SourceError, _finish
 from freshnet.storage import S3Storage, Storage, StorageError, open_storage
@@ -411,13 +412,26 @@ def search(
     return SearchReport(candidates, failures, [])
 
 
+def search_all(cfg: Config, night: str, **source_options: Any) -> SearchReport:
+    """Tonight's candidates: the main source's, plus the app's corrections waiting for review.
+
+    Corrections join every night, whatever the main source; with source.kind = "feedback" they
+    are the only source.
+    """
+    if cfg.source.kind == "feedback":
+        return search(cfg, night, required=True)
+    report = sources.search(cfg, night, **source_options)
+    extra = search(cfg, night)
+    report.candidates.extend(extra.candidates)
+    report.failures.extend(extra.failures)
+    return report
+
+
 # ---------------------------------------------------------------- review
 
 
 def pending(store: Storage) -> pd.DataFrame:
     """Feedback images waiting for review, oldest first."""
-    from freshnet import dataset
-
     df = dataset.load_catalog(store)
     q = df[df["status"] == STATUS]
     q = q.sort_values(["first_seen", "sha256"], kind="stable")
@@ -441,8 +455,6 @@ def review(store: Storage, shas: Sequence[str] | None, accept: bool) -> list[dic
     ``shas`` are sha256 prefixes of pending feedback images; None means every pending one. One
     catalog commit for all; each decision is recorded in the quarantine audit log.
     """
-    from freshnet import dataset
-
     action = "feedback-accept" if accept else "feedback-reject"
     for _ in range(5):
         state = dataset.load_state(store)
@@ -485,27 +497,6 @@ def review(store: Storage, shas: Sequence[str] | None, accept: bool) -> list[dic
         log.info("%s: %d image(s)", action, len(rows))
         return entries
     raise dataset.CatalogConflict(f"{action}: the catalog kept changing under it; rerun")
-
-
-def cap_share(manifest: pd.DataFrame, share: float) -> tuple[pd.DataFrame, int]:
-    """Keep feedback rows at most ``share`` of each (label, split); oldest kept first.
-
-    Returns the rows kept and how many feedback rows wait (they join as the class grows).
-    """
-    is_fb = manifest["source"] == "feedback"
-    if share >= 1 or not is_fb.any():
-        return manifest, 0
-    drop: list[Any] = []
-    for (_label, _split), part in manifest.groupby(["label", "split"]):
-        fb = part[part["source"] == "feedback"]
-        if fb.empty:
-            continue
-        others = len(part) - len(fb)
-        allowed = math.floor(share * others / (1 - share) + 1e-9)
-        if len(fb) > allowed:
-            fb = fb.sort_values(["first_seen", "sha256"], kind="stable")
-            drop += list(fb.index[allowed:])
-    return manifest.drop(index=drop), len(drop)
 
 
 def format_entries(entries: Iterable[dict[str, Any]]) -> str:

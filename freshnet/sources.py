@@ -64,12 +64,12 @@ class SearchReport:
 def search(
     cfg: Config, night: str, *, ddgs_factory: Callable[[], Any] | None = None
 ) -> SearchReport:
-    """Candidates for every class of ``cfg`` on ``night``, from cfg.source.kind."""
-    from freshnet import feedback
+    """Candidates for every class of ``cfg`` on ``night``, from the web-like cfg.source.kind.
 
+    The nightly calls freshnet.feedback.search_all, which adds the app's corrections (and
+    handles source.kind = "feedback"): feedback builds on this module, not the other way round.
+    """
     kind = cfg.source.kind
-    if kind == "feedback":
-        return feedback.search(cfg, night, required=True)
     if kind == "demo":
         report = search_demo(cfg, night)
     elif kind == "urls":
@@ -83,11 +83,6 @@ def search(
             f"source.kind {kind!r} is not a search source "
             "(allowed: demo, urls, folder, duckduckgo, feedback)"
         )
-    # Corrections people sent from the app join every night, whatever the main source, as
-    # images waiting for review (freshnet/feedback.py).
-    extra = feedback.search(cfg, night)
-    report.candidates.extend(extra.candidates)
-    report.failures.extend(extra.failures)
     return report
 
 

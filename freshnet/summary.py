@@ -8,8 +8,10 @@ from zoneinfo import ZoneInfo
 from freshnet.config import Config
 
 
-def today(timezone: str) -> str:
-    return datetime.now(ZoneInfo(timezone)).strftime("%Y-%m-%d")
+def today(timezone: str, at: datetime | None = None) -> str:
+    """The date in ``timezone`` now, or at ``at`` (an aware time, e.g. a run's scheduled start)."""
+    when = datetime.now(ZoneInfo(timezone)) if at is None else at.astimezone(ZoneInfo(timezone))
+    return when.strftime("%Y-%m-%d")
 
 
 def start(
@@ -37,12 +39,14 @@ def start(
             "train": snap["counts"].get(label, {}).get("train", 0),
             "holdout": snap["counts"].get(label, {}).get("holdout", 0),
         }
+    failed = len(searched.get("failures", []))
     return {
         "config": cfg.name,
         "night": night,
         "per_class": per_class,
-        "failed_queries": len(searched.get("failures", [])),
+        "failed_queries": failed,
         "failed_classes": searched.get("failed_classes", []),
+        "yield_problems": yield_problems(cfg, ingested["counts"], failed),
         "snapshot": snap["id"],
         "outcome": "running",
         "reasons": [],
@@ -51,6 +55,32 @@ def start(
         "label_checked": (checked or {}).get("checked", 0),
         "label_notes": (checked or {}).get("notes", []),
     }
+
+
+def yield_problems(
+    cfg: Config, counts: dict[str, dict[str, int]], failed_queries: int
+) -> list[str]:
+    """Why tonight's yield collapsed (empty when it did not): most searches failed, or most
+    downloads were rejected (dataset.max_failed_searches, dataset.max_rejected_downloads).
+
+    ``counts`` are the download outcomes per class and status (freshnet.ingest.count_outcomes).
+    """
+    problems = []
+    searches = len(cfg.classes) * len(cfg.queries)
+    if searches and failed_queries / searches > cfg.dataset.max_failed_searches:
+        problems.append(
+            f"{failed_queries} of {searches} searches failed "
+            f"(more than dataset.max_failed_searches = {cfg.dataset.max_failed_searches:g})"
+        )
+    # A URL seen on an earlier night was not downloaded again: it is left out of the share.
+    tried = sum(n for c in counts.values() for r, n in c.items() if r != "duplicate_url")
+    rejected = tried - sum(c.get("accepted", 0) for c in counts.values())
+    if tried > 0 and rejected / tried > cfg.dataset.max_rejected_downloads:
+        problems.append(
+            f"{rejected} of {tried} downloads were rejected "
+            f"(more than dataset.max_rejected_downloads = {cfg.dataset.max_rejected_downloads:g})"
+        )
+    return problems
 
 
 def stop(report: dict, reason: str) -> dict:
@@ -82,10 +112,7 @@ def finish(
             else None
         ),
         "comparison": decided.get("comparison"),
-        "reasons": [
-            f"{r['name']}: {'pass' if r['passed'] else 'FAIL'} — {r['detail']}"
-            for r in decision["rules"]
-        ],
+        "reasons": [f"{r['name']}: {_status(r)} — {r['detail']}" for r in decision["rules"]],
         "decision": decision.get("summary", ""),
         "commit": entry["commit"] if entry else None,
         "report_key": decided.get("report_key"),
@@ -123,6 +150,8 @@ def format_summary(s: dict) -> str:
             f"failed queries: {s['failed_queries']}; failed classes: "
             f"{', '.join(s['failed_classes']) or 'none'}"
         )
+    for problem in s.get("yield_problems") or []:
+        lines.append(f"YIELD COLLAPSED: {problem}")
     lines.append("")
     if s.get("champion"):
         lines.append(
@@ -168,3 +197,62 @@ def format_summary(s: dict) -> str:
             "quarantined: `freshnet quarantine list`"
         )
     return "\n".join(lines)
+
+
+def ending(s: dict) -> str:
+    """One line: how the night ended and why (the flow run's state message in the Prefect UI)."""
+    if s["outcome"] == "stopped":
+        text = "; ".join(s.get("reasons") or ["stopped"])
+    elif s["outcome"] == "promoted":
+        ch = s["challenger"]
+        text = (
+            f"promoted {ch['version']} (holdout accuracy {ch['accuracy']:.3f}); "
+            f"Space commit {(s.get('commit') or '?')[:10]}"
+        )
+    else:
+        champ = s.get("champion")
+        kept = f"kept champion {champ['version']}" if champ else "no champion yet, none promoted"
+        ch = s.get("challenger") or {}
+        text = f"{kept}: challenger {ch.get('version')} refused — {s.get('decision') or 'see the decision report'}"
+    problems = s.get("yield_problems") or []
+    if problems:
+        text = f"degraded night, yield collapsed ({'; '.join(problems)}); {text}"
+    return text
+
+
+def outcome_markdown(s: dict) -> str:
+    """The night's outcome for the Prefect UI: how it ended, why, and the summary table."""
+    title = "DEGRADED — " if s.get("yield_problems") else ""
+    lines = [
+        f"# Night {s['night']}: {title}{s['outcome'].upper()}",
+        "",
+        f"**Why:** {ending(s)}",
+        "",
+    ]
+    if s.get("yield_problems"):
+        lines += [
+            "**Yield collapsed** — the night's results are kept, but look at the sources:",
+            "",
+            *[f"- {p}" for p in s["yield_problems"]],
+            "",
+            "The `search-failures` and `rejections-by-reason` artifacts say which queries and why.",
+            "",
+        ]
+    if s["outcome"] == "stopped" and s.get("reasons", [""])[0].startswith("nothing new"):
+        lines += [
+            "Nothing was trained: the snapshot holds no image the champion's dataset lacks. "
+            "Search and download are cached per night, so another run of the same night finds "
+            "the same images; to search again, run the `nightly` deployment with another "
+            "`night` parameter (`prefect deployment run nightly/nightly -p night=YYYY-MM-DD`).",
+            "",
+        ]
+    lines += ["```", format_summary(s), "```"]
+    return "\n".join(lines)
+
+
+def _status(rule: dict) -> str:
+    """A rule's word in the summary: pass, FAIL (loud), or not run (never read as a pass)."""
+    from freshnet.policy import rule_status
+
+    status = rule_status(rule)
+    return "FAIL" if status == "fail" else status

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -327,6 +328,52 @@ def _frozen_bn_callback():
     return FrozenBodyBN()
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "n/a"
+
+
+def _epoch_callback(total: int, progress: Callable[[float, int], None] | None):
+    """A callback logging one line per epoch as it ends, and reporting ``progress(epochs, total)``
+    (fractional within an epoch).
+
+    The line goes to this module's logger while training runs (not after it), so whoever watches
+    the run (a terminal, the Prefect UI) sees each epoch's losses and accuracy when it happens.
+    """
+    from fastai.callback.core import Callback
+    from fastai.learner import Recorder
+
+    class EpochLog(Callback):
+        order = Recorder.order + 1  # after the Recorder has written the epoch's numbers
+        _done = 0
+        _start = 0.0
+
+        def before_epoch(self) -> None:
+            self._start = time.perf_counter()
+
+        def after_batch(self) -> None:
+            # Within an epoch too: one epoch of a large snapshot takes many minutes.
+            if progress is not None and self.training and self.n_iter:
+                progress(self._done + (self.iter + 1) / self.n_iter, total)
+
+        def after_epoch(self) -> None:
+            self._done += 1
+            rec = self.learn.recorder
+            values = dict(zip(rec.metric_names, rec.log, strict=False))
+            log.info(
+                "epoch %d/%d: train loss %s, valid loss %s, valid accuracy %s, %.1f s",
+                self._done,
+                total,
+                _fmt(values.get("train_loss")),
+                _fmt(values.get("valid_loss")),
+                _fmt(values.get("accuracy")),
+                time.perf_counter() - self._start,
+            )
+            if progress is not None:
+                progress(self._done, total)
+
+    return EpochLog()
+
+
 class _SeededRandom(random.Random):
     """A private generator that can stand in for the ``random`` module in fastai's namespaces."""
 
@@ -366,8 +413,12 @@ def train_model(
     cfg: TrainConfig,
     out_path: Path,
     init_from: Path | None = None,
+    progress: Callable[[float, int], None] | None = None,
 ) -> TrainResult:
-    """Train on the manifest's train rows (a seeded slice becomes validation) and export to ``out_path``."""
+    """Train on the manifest's train rows (a seeded slice becomes validation) and export to ``out_path``.
+
+    ``progress(epochs, total)`` follows the training (total = freeze_epochs + epochs).
+    """
     import torch
 
     start = time.perf_counter()
@@ -426,6 +477,9 @@ def train_model(
             if lr == "find":
                 lr = float(learn.lr_find(show_plot=False).valley)
                 log.info("lr_find chose %.2e", lr)
+            # Added after lr_find: its trial fit is not an epoch of training.
+            epoch_log = _epoch_callback(cfg.freeze_epochs + cfg.epochs, progress)
+            learn.add_cb(epoch_log)
             if init == "scratch":
                 learn.fit_one_cycle(cfg.freeze_epochs + cfg.epochs, lr)
             else:
@@ -435,11 +489,11 @@ def train_model(
         dict(zip(names, (float(v) for v in vals), strict=False)) for vals in learn.recorder.values
     ]
     valid_acc = history[-1].get("accuracy", float("nan")) if history else float("nan")
-    for i, h in enumerate(history):
-        log.info("epoch %d: %s", i, ", ".join(f"{k}={v:.4f}" for k, v in h.items()))
 
+    # freshnet classes: they must not be pickled into the model.
+    learn.remove_cb(epoch_log)
     if frozen_bn is not None:
-        learn.remove_cb(frozen_bn)  # a freshnet class: it must not be pickled into the model
+        learn.remove_cb(frozen_bn)
     export_learner(learn, Path(out_path), cfg.arch)
     result = TrainResult(
         model_path=Path(out_path),
@@ -547,8 +601,12 @@ def train_snapshot(
     version: str,
     work_dir: Path,
     init_model_key: str | None = None,
+    progress: Callable[[float, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Train on a snapshot's train rows, upload ``models/<version>/``, return a small JSON-able dict."""
+    """Train on a snapshot's train rows, upload ``models/<version>/``, return a small JSON-able dict.
+
+    ``progress(epochs, total)`` follows the training, as in ``train_model``.
+    """
     from freshnet.dataset import load_manifest  # written in parallel; imported late on purpose
 
     work_dir = Path(work_dir)
@@ -560,7 +618,9 @@ def train_snapshot(
     if cfg.train.init == "champion" and init_model_key:
         init_from = store.get_to_file(init_model_key, work_dir / "champion" / "model.pkl")
     out_path = work_dir / "models" / version / "model.pkl"
-    result = train_model(train_rows, image_dir, cfg.train, out_path, init_from=init_from)
+    result = train_model(
+        train_rows, image_dir, cfg.train, out_path, init_from=init_from, progress=progress
+    )
 
     noisy: list[dict[str, Any]] = []
     if cfg.train.in_sample_noise:

@@ -8,6 +8,7 @@ from prefect import task
 
 from freshnet import cycle
 from freshnet.config import Config
+from tasks.progress import UiProgress
 from tasks.report import publish_rejections, publish_search_failures
 
 
@@ -37,6 +38,8 @@ def search_images(cfg: Config, night: str) -> dict:
 
 @task(**_cached_io("ingest"))
 def download_images(cfg: Config, night: str, search_key: str) -> dict:
-    result = cycle.ingest_step(cfg, night, search_key)
+    progress = UiProgress("download-progress", f"night {night}: downloads", "URLs")
+    result = cycle.ingest_step(cfg, night, search_key, on_progress=progress)
+    progress.close(f"done: {result['accepted']} accepted, {result['rejected']} not kept")
     publish_rejections(result["counts"])
     return result

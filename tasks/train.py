@@ -9,6 +9,7 @@ from prefect.concurrency.sync import concurrency
 
 from freshnet import cycle
 from freshnet.config import Config
+from tasks.progress import UiProgress
 
 
 @task
@@ -22,4 +23,8 @@ def train_model(cfg: Config, snapshot_id: str, version: str, init_model_key: str
         else contextlib.nullcontext()
     )
     with slot:
-        return cycle.train_step(cfg, snapshot_id, version, init_model_key)
+        progress = UiProgress("training-progress", f"training {version}", "epochs")
+        result = cycle.train_step(cfg, snapshot_id, version, init_model_key, on_progress=progress)
+        accuracy = result["metrics"]["valid_accuracy"]
+        progress.close(f"done: valid accuracy {accuracy:.3f}")
+        return result

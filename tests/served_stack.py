@@ -138,6 +138,17 @@ class Api:
         r.raise_for_status()
         return r.json()
 
+    def retry(self, run_id: str) -> None:
+        """Retry a finished flow run in place, as the UI's Retry button does."""
+        r = self.http.post(
+            f"/flow_runs/{run_id}/set_state",
+            json={
+                "state": {"type": "SCHEDULED", "name": "AwaitingRetry", "message": "retry"},
+                "force": True,
+            },
+        )
+        r.raise_for_status()
+
     def wait(self, run_id: str, timeout: float, until: set[str] = TERMINAL) -> dict:
         deadline = time.monotonic() + timeout
         while True:
@@ -188,9 +199,16 @@ class Api:
 class ServedStack:
     """Start with ``ServedStack(root).start()``; ``stop()`` kills everything (call it in finally)."""
 
-    def __init__(self, root: Path, config_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        config_env: dict[str, str] | None = None,
+        gpu_env: dict[str, str] | None = None,
+    ):
         self.root = root
         self.config_env = config_env or {}
+        # FRESHNET_* overrides of the GPU machine only (the train flow applies them on top).
+        self.gpu_env = gpu_env or {}
         self.storage_uri = f"s3://{BUCKET}/demo"
         self.space = root / "space"
         self.inbox = Inbox()
@@ -233,6 +251,8 @@ class ServedStack:
                 HF_TOKEN=HF_TOKEN,
                 **self.config_env,
             )
+        if pool == "gpu":
+            env.update(self.gpu_env)
         return env
 
     def cli_env(self) -> dict[str, str]:

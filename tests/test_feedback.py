@@ -89,7 +89,7 @@ def test_app_records_are_read_normalised_and_wait_for_review(tmp_path, flower_ph
         str(upload), "daisy", {"roses": 0.7, "daisy": 0.3}, "v1"
     )
     cfg = _cfg(tmp_path)
-    report = sources.search(cfg, "1")
+    report = feedback.search_all(cfg, "1")
     fb = [c for c in report.candidates if c.source == "feedback"]
     assert [(c.label, c.query) for c in fb] == [("daisy", f"feedback:{fid}")]
 
@@ -273,13 +273,13 @@ def test_share_cap_per_class_and_split_keeps_the_oldest() -> None:
     rows = [("daisy", "train", "web", "1")] * 18 + [("daisy", "holdout", "web", "1")] * 4
     rows += [("daisy", "train", "feedback", str(n)) for n in (5, 3, 4)]
     rows += [("daisy", "holdout", "feedback", "1")] + [("roses", "train", "feedback", "1")]
-    kept, waiting = feedback.cap_share(_manifest(rows), 0.1)
+    kept, waiting = dataset.cap_feedback_share(_manifest(rows), 0.1)
     fb = kept[kept["source"] == "feedback"]
     # 18 web train rows allow 2 (2/20 = 0.1), the oldest; 4 holdout allow 0; a class of only
     # feedback gets none.
     assert sorted(fb["first_seen"]) == ["3", "4"] and set(fb["split"]) == {"train"}
     assert waiting == 3
-    assert feedback.cap_share(_manifest(rows), 1.0)[1] == 0
+    assert dataset.cap_feedback_share(_manifest(rows), 1.0)[1] == 0
 
 
 def test_feedback_config_errors_name_the_key(tmp_path) -> None:
@@ -309,7 +309,7 @@ def test_accept_and_reject_move_rows_into_and_out_of_the_next_snapshot(
     )
     cfg = parse_config(__import__("tomllib").loads(cfg_path.read_text()))
     store = _store(tmp_path)
-    report = sources.search(cfg, "1")
+    report = feedback.search_all(cfg, "1")
     dataset.curate(store, ingest.ingest(report.candidates, cfg, store, progress=False), "1", cfg)
     before = set(dataset.load_manifest(store, dataset.make_snapshot(store, cfg).id)["sha256"])
     q = feedback.pending(store)
@@ -345,7 +345,7 @@ def test_unreviewed_feedback_cannot_take_web_images_out(tmp_path, flower_photos)
     shutil.copy(flower_photos["roses"][0], seed / "roses" / "b.jpg")
     cfg = _cfg(tmp_path)
     store = _store(tmp_path)
-    report = sources.search(cfg, "1")
+    report = feedback.search_all(cfg, "1")
     dataset.curate(store, ingest.ingest(report.candidates, cfg, store, progress=False), "1", cfg)
     # Night 2: the same daisy photo, recompressed, claimed to be roses.
     with Image.open(flower_photos["daisy"][0]) as im:
@@ -364,4 +364,4 @@ def test_unreviewed_feedback_cannot_take_web_images_out(tmp_path, flower_photos)
 def test_feedback_as_main_source_requires_the_folder(tmp_path) -> None:
     cfg = _cfg(tmp_path, source={"kind": "feedback", "path": str(tmp_path / "missing")})
     with pytest.raises(sources.SourceError, match="feedback folder does not exist"):
-        sources.search(cfg, "1")
+        feedback.search_all(cfg, "1")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.fixtures_servers import free_port
@@ -74,3 +75,89 @@ def test_dockerfile_copies_only_existing_paths() -> None:
     for src in re.findall(r"^COPY\s+(\S+)\s", text, re.M):
         assert (REPO / src).exists(), f"Dockerfile copies missing {src}"
     assert "worker.sh" in text and "gpu" in text
+
+
+# `name.ext` in the docs are file names (prefect.yaml, train.json), not config keys.
+FILE_EXTENSIONS = {"yaml", "toml", "json", "md", "py", "sh", "png", "pkl", "txt"}
+DOCS = {"infra/README.md": INFRA / "README.md", "README.md": REPO / "README.md"}
+
+
+def _flow_params(entrypoint: str) -> tuple[str, set[str]]:
+    """The flow name and parameter names of a prefect.yaml entrypoint, read without importing."""
+    import ast
+
+    path, func = entrypoint.split(":")
+    tree = ast.parse((REPO / path).read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func)
+    deco = next(d for d in fn.decorator_list if isinstance(d, ast.Call))
+    name = next(k.value.value for k in deco.keywords if k.arg == "name")
+    return name, {a.arg for a in fn.args.args}
+
+
+def test_docs_commands_name_real_deployments_parameters_scripts_and_options() -> None:
+    """What the READMEs tell people to type refers to things that exist, spelled as they are."""
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployments = {}
+    for d in spec["deployments"]:
+        flow_name, params = _flow_params(d["entrypoint"])
+        deployments[f"{flow_name}/{d['name']}"] = params
+    boot_help = subprocess.run(
+        [sys.executable, str(INFRA / "bootstrap.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    runs = 0
+    for doc, path in DOCS.items():
+        text = path.read_text()
+        for m in re.finditer(r"prefect deployment run (\S+)((?: -p [\w]+=\S+)*)", text):
+            runs += 1
+            assert m[1] in deployments, (doc, m[0], sorted(deployments))
+            for key in re.findall(r"-p (\w+)=", m[2]):
+                assert key in deployments[m[1]], (doc, m[0], deployments[m[1]])
+        for script in set(re.findall(r"\binfra/[\w.-]+", text)):
+            assert (REPO / script).exists(), (doc, script)
+            if script.endswith(".sh"):
+                assert os.access(REPO / script, os.X_OK), f"{script} is not executable"
+        for line in re.findall(r"infra/bootstrap\.py[^\n`]*", text):
+            for flag in re.findall(r"(--[\w-]+)", line):
+                assert flag in boot_help, (doc, line, flag)
+    assert runs >= 3  # rerun a night, roll back, try a cycle
+
+
+def test_docs_name_only_known_settings_and_config_keys() -> None:
+    """Every FRESHNET_* variable and `section.key` the READMEs mention is one freshnet reads."""
+    from freshnet.config import NON_CONFIG_ENV, Config, config_env_names
+
+    known_env = set(config_env_names()) | NON_CONFIG_ENV
+    sections = {
+        name: set(field.annotation.model_fields)
+        for name, field in Config.model_fields.items()
+        if isinstance(field.annotation, type) and hasattr(field.annotation, "model_fields")
+    }
+    for doc, path in DOCS.items():
+        text = path.read_text()
+        for name in set(re.findall(r"\bFRESHNET_[A-Z0-9_]*[A-Z0-9]\b", text)):
+            assert name in known_env, (doc, name)
+        for section, key in set(re.findall(r"`(\w+)\.(\w+)`", text)):
+            if section in sections and key not in FILE_EXTENSIONS:
+                assert key in sections[section], (doc, f"{section}.{key}")
+
+
+def test_pull_step_enters_this_machines_project_dir(tmp_path: Path, monkeypatch) -> None:
+    """The pull step reads FRESHNET_PROJECT_DIR when the run starts: nothing is templated at
+    deploy time (a `{{ $VAR }}` would be filled in from the deploying shell)."""
+    from flows.steps import set_project_directory
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert spec["pull"] == [{"flows.steps.set_project_directory": {}}]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FRESHNET_PROJECT_DIR", str(REPO))
+    assert set_project_directory() == {"directory": str(REPO)}
+    assert Path.cwd() == REPO
+    monkeypatch.delenv("FRESHNET_PROJECT_DIR")
+    with pytest.raises(RuntimeError, match="FRESHNET_PROJECT_DIR is not set on this worker"):
+        set_project_directory()
+    monkeypatch.setenv("FRESHNET_PROJECT_DIR", str(tmp_path / "absent"))
+    with pytest.raises(RuntimeError, match="is not a directory on this machine"):
+        set_project_directory()

@@ -19,12 +19,23 @@ from tests.served_stack import BUCKET, HF_TOKEN, TEST_CONFIG_ENV, ServedStack
 
 pytestmark = pytest.mark.slow
 
-ARTIFACT_KEYS = {"dataset-per-class", "rejections-by-reason", "decision-report", "space-commit"}
+ARTIFACT_KEYS = {
+    "dataset-per-class",
+    "rejections-by-reason",
+    "decision-report",
+    "space-commit",
+    "night-outcome",
+    "download-progress",
+    "training-progress",
+}
+GPU_ENV = {"FRESHNET_TRAIN__INIT": "champion"}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedStack]:
-    s = ServedStack(tmp_path_factory.mktemp("served"), TEST_CONFIG_ENV)
+    # The GPU machine sets its own override: the train flow must apply it there (the cpu
+    # worker's config says train.init = imagenet; nightly passes no champion model to start from).
+    s = ServedStack(tmp_path_factory.mktemp("served"), TEST_CONFIG_ENV, GPU_ENV)
     try:
         s.start()
         yield s
@@ -82,6 +93,10 @@ def test_two_nights_served(stack: ServedStack) -> None:
         assert run["parent_task_run_id"], "train must be linked to its nightly run"
     for run in (night1, night2):
         assert run["work_pool_name"] == "cpu" and run["id"] in cpu_log
+    # No path of the deploying machine is baked into a deployment: each worker enters its own
+    # checkout (the deploy ran with FRESHNET_PROJECT_DIR set to the cpu worker's).
+    deployed = stack.api.http.post("/deployments/filter", json={}).json()
+    assert deployed and all(str(stack.root) not in json.dumps(d["pull_steps"]) for d in deployed)
     # The gpu worker's own working directory got the training images, from S3.
     assert any((stack.root / "gpu" / "cache").rglob("*.jpg"))
 
@@ -119,6 +134,45 @@ def test_two_nights_served(stack: ServedStack) -> None:
     assert ARTIFACT_KEYS <= keys, keys
     runs_with_artifacts = {a["flow_run_id"] for a in artifacts}
     assert night2["id"] in runs_with_artifacts
+    # Progress of download (nightly run) and training (train run, gpu worker) reached 100 %.
+    progress = [a for a in artifacts if a["type"] == "progress"]
+    for key, run_ids in (
+        ("download-progress", {night1["id"], night2["id"]}),
+        ("training-progress", {r["id"] for r in trains}),
+    ):
+        done = {a["flow_run_id"] for a in progress if a["key"] == key and a["data"] == 100.0}
+        assert run_ids <= done, (key, progress)
+
+    # Runs are named by night and by model version; each night's state says how it ended.
+    assert (night1["name"], night2["name"]) == ("night-1", "night-2")
+    versions = {k.split("/")[1] for k in models}
+    assert {r["name"] for r in trains} == versions
+    for run in (night1, night2):
+        assert run["state"]["message"].startswith("promoted v"), run["state"]
+        assert any(a["key"] == "night-outcome" and a["flow_run_id"] == run["id"] for a in artifacts)
+
+    # The gpu worker's own FRESHNET_* override took effect in the train flow there.
+    for version in versions:
+        metrics = json.loads(store.get(f"models/{version}/train.json"))["metrics"]
+        assert "no champion model given" in metrics["init_note"], metrics
+
+    # freshnet's own log lines reached each run's logs in the Prefect API: the night's summary
+    # (nightly run, cpu worker), one line per training epoch and the warnings (train run, gpu).
+    logs = stack.api.logs()
+    for run in (night1, night2):
+        mine = [e for e in logs if e["flow_run_id"] == run["id"]]
+        names = {e["name"] for e in mine}
+        assert {"freshnet.cycle", "tasks.night"} <= names, names
+        summary = [e["message"] for e in mine if e["name"] == "tasks.night"]
+        assert any("promoted v" in m and "found" in m and "decision" in m for m in summary), summary
+    for run in trains:
+        mine = [e for e in logs if e["flow_run_id"] == run["id"]]
+        epochs = [e["message"] for e in mine if e["message"].startswith("epoch ")]
+        assert len(epochs) == 1 and "valid accuracy" in epochs[0], [e["message"] for e in mine]
+        warnings = [
+            e["message"] for e in mine if e["level"] >= 30 and e["name"] == "freshnet.train"
+        ]
+        assert any("init=champion not used" in m for m in warnings), warnings
 
 
 def test_gpu_worker_killed_mid_training(stack: ServedStack) -> None:
@@ -201,13 +255,17 @@ def test_s3_down_during_publish(stack: ServedStack) -> None:
         "the Space commit was made before S3 died"
     )
 
+    torn_commit = stack.space_commits()[0]
     stack.proxy.start()  # S3 is back
     nxt = stack.api.wait(stack.api.create_run("rollback/rollback", {})["id"], timeout=600)
     expect(nxt, "COMPLETED", stack)
     entries2, champion2 = stack.ledger()
-    assert len(entries2) == len(entries) + 1 and champion2 != champion
+    # The next publish first records the torn one (the Space serves its commit), then its own.
+    assert len(entries2) == len(entries) + 2 and champion2 != champion
+    healed = json.loads(stack.direct_storage().get(entries2[-2]))
+    assert healed["kind"] == "rollback" and healed["commit"] == torn_commit
     newest = json.loads(stack.direct_storage().get(entries2[-1]))
-    assert newest["kind"] == "rollback"
+    assert newest["kind"] == "rollback" and newest["parent_commit"] == torn_commit
     assert newest["commit"] == space_head(stack), "the ledger must name what the Space serves"
 
 
@@ -220,9 +278,46 @@ def test_two_triggers_run_one_cycle(stack: ServedStack) -> None:
     assert sorted(state(r) for r in done) == ["CANCELLED", "COMPLETED"], [
         (r["name"], state(r), r["state"].get("message")) for r in done
     ]
+    # The cycle that ran says how it ended and why, in its state and in an artifact (a night
+    # with nothing new used to end green in seconds without a word).
+    ran = next(r for r in done if state(r) == "COMPLETED")
+    assert ran["name"] == "night-2" and ran["state"]["message"], ran["state"]
+    outcome = [
+        a
+        for a in stack.api.artifacts()
+        if a["key"] == "night-outcome" and a["flow_run_id"] == ran["id"]
+    ]
+    assert outcome and ran["state"]["message"] in outcome[0]["data"], outcome
     # One cycle, so at most one training (it trains when the snapshot holds images the
     # champion's dataset lacks, e.g. from an earlier night that did not promote).
     assert len(train_runs(stack)) - trains_before <= 1
+
+
+def test_retried_night_finishes_without_training_again(stack: ServedStack) -> None:
+    """Storage dies as the nightly evaluates (after training); the same flow run is retried and
+    completes on the first attempt's training: the night's version is deterministic."""
+    assert stack.api is not None and stack.proxy is not None
+    before = {r["id"] for r in train_runs(stack)}
+    # The first read of an evaluation record takes S3 down (path-style request line).
+    stack.proxy.fail_on(f"GET /{BUCKET}/demo/evals/".encode())
+    run = stack.api.create_run("nightly/nightly", {"night": "5"})
+    failed = stack.api.wait(run["id"], timeout=900)
+    assert stack.proxy.tripped, f"the night never reached evaluation\n{stack.diagnostics()}"
+    expect(failed, "FAILED", stack)
+    trained = [r for r in train_runs(stack) if r["id"] not in before]
+    assert [state(r) for r in trained] == ["COMPLETED"], trained
+
+    stack.proxy.start()  # S3 is back; retry the same flow run, as the UI's Retry button does
+    stack.api.retry(run["id"])
+    done = stack.api.wait(run["id"], timeout=900)
+    expect(done, "COMPLETED", stack)
+    assert done["run_count"] >= 2, "the same flow run must have run again"
+    again = [r for r in train_runs(stack) if r["id"] not in before]
+    assert [r["id"] for r in again] == [trained[0]["id"]], "a retry must not train again"
+    # Ledger and Space agree after the retried night.
+    entries, _ = stack.ledger()
+    newest = json.loads(stack.direct_storage().get(entries[-1]))
+    assert newest["commit"] == space_head(stack)
 
 
 def test_hf_token_never_leaks(stack: ServedStack) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -59,8 +61,52 @@ def tiny(tmp_path_factory, flower_photos):
     root = tmp_path_factory.mktemp("tiny")
     manifest = flower_manifest(flower_photos, root / "images", ["daisy", "sunflowers"], 15)
     train = manifest[manifest["split"] == "train"]
-    res = train_model(train, root / "images", TrainConfig(**TINY), root / "model.pkl")
-    return {"root": root, "manifest": manifest, "train": train, "result": res}
+    # What a watcher sees while it trains: the epoch lines and the progress callback's calls.
+    lines: list[str] = []
+    calls: list[tuple[float, int]] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("freshnet.train")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        res = train_model(
+            train,
+            root / "images",
+            TrainConfig(**TINY),
+            root / "model.pkl",
+            progress=lambda done, total: calls.append((done, total)),
+        )
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    return {
+        "root": root,
+        "manifest": manifest,
+        "train": train,
+        "result": res,
+        "lines": lines,
+        "progress": calls,
+    }
+
+
+def test_training_logs_each_epoch_and_reports_progress_while_it_runs(tiny):
+    """One line per epoch (train loss, valid loss, valid accuracy, time), as it ends."""
+    epochs = [line for line in tiny["lines"] if line.startswith("epoch ")]
+    assert len(epochs) == TINY["epochs"] + TINY["freeze_epochs"], tiny["lines"]
+    acc = tiny["result"].valid_accuracy
+    assert re.fullmatch(
+        rf"epoch 1/1: train loss \d+\.\d{{4}}, valid loss \d+\.\d{{4}}, "
+        rf"valid accuracy {acc:.4f}, \d+\.\d s",
+        epochs[0],
+    ), epochs
+    # The epoch line comes before the summary line written after training.
+    assert tiny["lines"].index(epochs[-1]) < next(
+        i for i, line in enumerate(tiny["lines"]) if line.startswith("trained ")
+    )
+    assert tiny["progress"] and tiny["progress"][-1] == (1, 1), tiny["progress"]
+    assert all(0 < done <= total for done, total in tiny["progress"])
 
 
 def test_valid_mask_is_seeded_per_class_and_stable():
