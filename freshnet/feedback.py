@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from freshnet import dataset, sources
+from freshnet import sources
 from freshnet.config import Config
 from freshnet.sources import Candidate, SearchReport, SourceError, _finish
 from freshnet.storage import S3Storage, Storage, StorageError, open_storage
@@ -432,6 +432,8 @@ def search_all(cfg: Config, night: str, **source_options: Any) -> SearchReport:
 
 def pending(store: Storage) -> pd.DataFrame:
     """Feedback images waiting for review, oldest first."""
+    from freshnet import dataset  # pandas and the catalog: not for ingest's worker processes
+
     df = dataset.load_catalog(store)
     q = df[df["status"] == STATUS]
     q = q.sort_values(["first_seen", "sha256"], kind="stable")
@@ -455,6 +457,8 @@ def review(store: Storage, shas: Sequence[str] | None, accept: bool) -> list[dic
     ``shas`` are sha256 prefixes of pending feedback images; None means every pending one. One
     catalog commit for all; each decision is recorded in the quarantine audit log.
     """
+    from freshnet import dataset
+
     action = "feedback-accept" if accept else "feedback-reject"
     for _ in range(5):
         state = dataset.load_state(store)
