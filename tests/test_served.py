@@ -143,6 +143,29 @@ def test_two_nights_served(stack: ServedStack) -> None:
         done = {a["flow_run_id"] for a in progress if a["key"] == key and a["data"] == 100.0}
         assert run_ids <= done, (key, progress)
 
+    # The decision report of night 2 holds its rules with their status, the paired comparison
+    # and the confusion matrix (a table, and an image served from S3 by a presigned URL).
+    def latest(key: str, run_id: str) -> dict:
+        mine = [a for a in artifacts if a["key"] == key and a["flow_run_id"] == run_id]
+        assert mine, (key, run_id, keys)
+        return max(mine, key=lambda a: a["created"])
+
+    report = latest("decision-report", night2["id"])["data"]
+    assert report.splitlines()[0].endswith(": PROMOTE"), report[:300]
+    for part in ("## Rules", "## Champion vs challenger", "## Confusion matrix", "| bundle |"):
+        assert part in report, (part, report)
+    assert "not run" not in report.split("| bundle |")[1].split("\n")[0], "bundle was checked"
+    image = latest("confusion-matrix", night2["id"])
+    assert image["type"] == "image" and "X-Amz-Signature" in image["data"], image
+    # The history table (fixed key) shows both nights side by side, newest first.
+    rows = latest("night-history", night2["id"])["data"]
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert [r["night"] for r in rows[:2]] == ["2", "1"], rows
+    for row in rows[:2]:
+        assert row["decision"].startswith("promoted") and row["space commit"], row
+        assert row["challenger accuracy"] is not None, row
+    assert rows[0]["champion accuracy"] is not None, "night 2 had a champion to compare"
+
     # Runs are named by night and by model version; each night's state says how it ended.
     assert (night1["name"], night2["name"]) == ("night-1", "night-2")
     versions = {k.split("/")[1] for k in models}
