@@ -98,7 +98,7 @@ def _cycle(cfg: Config, night: str) -> dict:
         if champion
         else None
     )
-    decided = decide_promotion(cfg, challenger, defending)
+    decided = decide_promotion(cfg, challenger, defending, before_bundle=True)
 
     entry = None
     if decided["decision"]["promote"]:

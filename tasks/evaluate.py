@@ -22,11 +22,17 @@ def decide_promotion(
     champion: dict | None,
     bundle_error: str | None = None,
     bundle_checked: bool = False,
+    before_bundle: bool = False,
 ) -> dict:
     """Decide; call again after the bundle check (``bundle_checked`` or ``bundle_error``) so the
-    bundle rule says pass or fail instead of "not run"."""
+    bundle rule says pass or fail instead of "not run".
+
+    ``before_bundle``: a promotion decided before its bundle is checked is not final, so its
+    report is not published (the UI would show two decision reports for one night).
+    """
     result = cycle.decide_step(cfg, challenger, champion, bundle_error, bundle_checked)
-    publish_decision(result)
+    if not (before_bundle and result["decision"]["promote"]):
+        publish_decision(result)
     return result
 
 

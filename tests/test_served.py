@@ -151,6 +151,10 @@ def test_two_nights_served(stack: ServedStack) -> None:
         return max(mine, key=lambda a: a["created"])
 
     report = latest("decision-report", night2["id"])["data"]
+    reports = [a for a in artifacts if a["key"] == "decision-report"]
+    assert sorted(a["flow_run_id"] for a in reports) == sorted([night1["id"], night2["id"]]), (
+        "one decision report per night (the final one)"
+    )
     assert report.splitlines()[0].endswith(": PROMOTE"), report[:300]
     for part in ("## Rules", "## Champion vs challenger", "## Confusion matrix", "| bundle |"):
         assert part in report, (part, report)
