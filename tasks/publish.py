@@ -9,6 +9,7 @@ from prefect.events import emit_event
 
 from freshnet import cycle
 from freshnet.config import Config
+from freshnet.redact import redact
 from tasks.report import publish_commit
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,13 @@ def publish_space(
 
 def announce_promotion(cfg: Config, entry: dict) -> None:
     """The event the "model promoted" automation (infra/bootstrap.py) listens to."""
+    # Prefect stores and shows events: a git target may carry a token.
+    target = redact(cfg.space.target)
     emit_event(
         event="freshnet.model.promoted",
         resource={
-            "prefect.resource.id": f"freshnet.space.{cfg.space.target}",
-            "prefect.resource.name": cfg.space.target,
+            "prefect.resource.id": f"freshnet.space.{target}",
+            "prefect.resource.name": target,
         },
         payload={
             "version": entry["version"],
