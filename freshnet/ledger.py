@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
@@ -102,28 +103,24 @@ class Ledger:
             return None
         return self.get(int(json.loads(data)["seq"]))
 
-    def find(self, version: str) -> Entry | None:
-        """The newest entry that published ``version``."""
-        for entry in reversed(self.history()):
-            if entry.version == version:
+    def _newest(self, match: Callable[[Entry], bool]) -> Entry | None:
+        for seq in reversed(self._seqs()):
+            entry = self.get(seq)
+            if match(entry):
                 return entry
         return None
+
+    def find(self, version: str) -> Entry | None:
+        """The newest entry that published ``version``."""
+        return self._newest(lambda e: e.version == version)
 
     def find_commit(self, commit: str) -> Entry | None:
         """The newest entry that published Space commit ``commit``."""
-        for seq in reversed(self._seqs()):
-            entry = self.get(seq)
-            if entry.commit == commit:
-                return entry
-        return None
+        return self._newest(lambda e: e.commit == commit)
 
     def find_intent(self, intent_id: str) -> Entry | None:
         """The entry a publish intent produced (at most one), newest first."""
-        for seq in reversed(self._seqs()):
-            entry = self.get(seq)
-            if entry.intent == intent_id:
-                return entry
-        return None
+        return self._newest(lambda e: e.intent == intent_id)
 
     def append(self, **fields_: Any) -> Entry:
         """Append an entry (after the Space commit succeeded); the champion pointer is not moved."""

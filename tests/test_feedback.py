@@ -77,12 +77,18 @@ def _big_jpeg(path: Path, side: int = 2400) -> bytes:
     return buf.getvalue()
 
 
-def test_app_records_are_read_normalised_and_wait_for_review(tmp_path, flower_photos) -> None:
+def _seed_folder(tmp_path, flower_photos, per_class: int):
+    """A folder source of ``per_class`` real daisy and roses photos."""
     seed = tmp_path / "seed"
     for label in ("daisy", "roses"):
         (seed / label).mkdir(parents=True)
-        for p in flower_photos[label][:4]:
+        for p in flower_photos[label][:per_class]:
             shutil.copy(p, seed / label / p.name)
+    return seed
+
+
+def test_app_records_are_read_normalised_and_wait_for_review(tmp_path, flower_photos) -> None:
+    _seed_folder(tmp_path, flower_photos, 4)
     upload = tmp_path / "upload.jpg"
     upload.write_bytes(_big_jpeg(flower_photos["daisy"][20]))
     fid = _app_sink()(str(tmp_path / "feedback")).write(
@@ -291,11 +297,7 @@ def test_feedback_config_errors_name_the_key(tmp_path) -> None:
 def test_accept_and_reject_move_rows_into_and_out_of_the_next_snapshot(
     tmp_path, flower_photos, capsys
 ) -> None:
-    seed = tmp_path / "seed"
-    for label in ("daisy", "roses"):
-        (seed / label).mkdir(parents=True)
-        for p in flower_photos[label][:5]:
-            shutil.copy(p, seed / label / p.name)
+    seed = _seed_folder(tmp_path, flower_photos, 5)
     root = tmp_path / "feedback"
     for n, (label, p) in enumerate(
         [("daisy", flower_photos["daisy"][30]), ("roses", flower_photos["roses"][30])], 1
