@@ -185,7 +185,14 @@ def test_two_nights_served(stack: ServedStack) -> None:
 
     # freshnet's own log lines reached each run's logs in the Prefect API: the night's summary
     # (nightly run, cpu worker), one line per training epoch and the warnings (train run, gpu).
-    logs = stack.api.logs()
+    # Prefect ships run logs in batches after the run's state is final: wait for the last ones.
+    deadline = time.monotonic() + 60
+    while True:
+        logs = stack.api.logs()
+        night_ids = {e["flow_run_id"] for e in logs if e["name"] == "tasks.night"}
+        if {night1["id"], night2["id"]} <= night_ids or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     for run in (night1, night2):
         mine = [e for e in logs if e["flow_run_id"] == run["id"]]
         names = {e["name"] for e in mine}
