@@ -103,12 +103,8 @@ def test_demo_nights_through_ingest(tmp_path):
     for label in CLASSES:
         assert c1[label]["accepted"] >= 16
         assert sum(v for k, v in c2[label].items() if k != "accepted") >= 2  # bad files each night
-    assert {o.status for o in out2} >= {"accepted", "decode_error", "not_image"} or {
-        o.status for o in out2
-    } >= {
-        "accepted",
-        "not_image",
-    }
+    # The demo web serves both kinds of bad file (truncated JPEG, HTML page) every night.
+    assert {o.status for o in out2} >= {"accepted", "decode_error", "not_image"}
     # Night 2 re-serves night 1's images: already stored, so not written again.
     assert sum(1 for o in out2 if o.status == "accepted" and not o.stored) >= 5 * 2 * 6
 
