@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures_servers import *  # noqa: F401,F403  (moto, Prefect server/worker fixtures)
+# moto's S3 server, the Prefect server/worker and proxy fixtures, registered as a plugin.
+pytest_plugins = ["tests.fixtures_servers"]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FRESHNET_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -21,6 +22,9 @@ os.environ.setdefault("FRESHNET_COMPILE", "0")
 def shared_data() -> Path:
     """The real photos at ../shared/data (never copied into the repo)."""
     if not (SHARED_DATA / "photos" / "flowers").is_dir():
+        # In CI a missing photo set is a broken checkout, not a reason to pass quietly.
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"real photos not found at {SHARED_DATA} (CI is set: they are required)")
         pytest.skip(f"real photos not found at {SHARED_DATA}")
     return SHARED_DATA
 

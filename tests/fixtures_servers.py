@@ -1,6 +1,6 @@
 """Fixtures that start real servers on 127.0.0.1: moto's S3 API server (a subprocess) and a TCP proxy.
 
-Import into tests/conftest.py with ``from tests.fixtures_servers import *  # noqa: F403``.
+Registered for every test by ``pytest_plugins`` in tests/conftest.py.
 Every process started here is killed in teardown, also when the test fails.
 """
 

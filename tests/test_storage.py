@@ -22,7 +22,6 @@ from freshnet.storage import (
     StorageError,
     open_storage,
 )
-from tests.fixtures_servers import *  # noqa: F403  (fixtures, until conftest imports them)
 from tests.fixtures_servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
