@@ -357,77 +357,85 @@ class Downloader:
                 self._client_for(httpx.URL(current)) as client,
                 client.stream("GET", current) as resp,
             ):
-                code = resp.status_code
-                if code in REDIRECT_CODES:
-                    location = resp.headers.get("location")
-                    if not location:
-                        return Fetched(
-                            url,
-                            "http_other",
-                            f"HTTP {code} without Location",
-                            final_url=current,
-                        )
-                    try:
-                        nxt = normalize_url(str(resp.url.join(location)))
-                    except ValueError as exc:
-                        return Fetched(
-                            url, "bad_url", f"redirect from {current}: {exc}", final_url=current
-                        )
-                    if nxt.startswith("file://"):
-                        return Fetched(
-                            url, "bad_url", f"redirect to {nxt} refused", final_url=current
-                        )
-                    return nxt
-                if 400 <= code < 500:
-                    return Fetched(url, "http_4xx", f"HTTP {code}", final_url=current)
-                if code >= 500:
-                    return Fetched(url, "http_5xx", f"HTTP {code}", final_url=current)
-                if not 200 <= code < 300:
-                    return Fetched(url, "http_other", f"HTTP {code}", final_url=current)
-                declared = resp.headers.get("content-length")
-                if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
-                    return Fetched(
-                        url,
-                        "too_large",
-                        f"Content-Length {declared} > max_bytes {self.cfg.max_bytes}",
-                        final_url=current,
-                    )
-                data = await _read_capped(resp, self.cfg.max_bytes)
-                return Fetched(
-                    url,
-                    "ok",
-                    data=data,
-                    final_url=current,
-                    content_type=resp.headers.get("content-type", ""),
-                )
-        except BlockedAddress as exc:
-            return Fetched(url, "blocked_address", str(exc), final_url=current)
-        except _TooLarge as exc:
-            return Fetched(url, "too_large", str(exc), final_url=current)
-        except _BadEncoding as exc:
-            return Fetched(url, "decode_error", str(exc), final_url=current)
-        except ResolveFailed as exc:
-            return Fetched(url, "connection_error", str(exc), final_url=current)
-        except httpx.TimeoutException as exc:
-            return Fetched(url, "timeout", f"{type(exc).__name__} at {current}", final_url=current)
-        except httpx.RemoteProtocolError as exc:
-            reason = (
-                "truncated"
-                if "incomplete" in str(exc).lower() or "closed" in str(exc).lower()
-                else "connection_error"
-            )
-            return Fetched(url, reason, f"{current}: {exc}", final_url=current)
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-            return Fetched(url, "bad_url", f"{current}: {exc}", final_url=current)
-        except httpx.HTTPError as exc:
+                if resp.status_code in REDIRECT_CODES:
+                    return _redirect_target(url, current, resp)
+                return await self._body(url, current, resp)
+        except (
+            BlockedAddress,
+            _TooLarge,
+            _BadEncoding,
+            ResolveFailed,
+            httpx.HTTPError,
+            OSError,
+        ) as exc:
+            return _failure(url, current, exc)
+
+    async def _body(self, url: str, current: str, resp: httpx.Response) -> Fetched:
+        """A non-redirect response: its status class, or the body read up to max_bytes."""
+        code = resp.status_code
+        if 400 <= code < 500:
+            return Fetched(url, "http_4xx", f"HTTP {code}", final_url=current)
+        if code >= 500:
+            return Fetched(url, "http_5xx", f"HTTP {code}", final_url=current)
+        if not 200 <= code < 300:
+            return Fetched(url, "http_other", f"HTTP {code}", final_url=current)
+        declared = resp.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.cfg.max_bytes:
             return Fetched(
                 url,
-                "connection_error",
-                f"{current}: {type(exc).__name__}: {exc}",
+                "too_large",
+                f"Content-Length {declared} > max_bytes {self.cfg.max_bytes}",
                 final_url=current,
             )
-        except OSError as exc:
-            return Fetched(url, "connection_error", f"{current}: {exc}", final_url=current)
+        data = await _read_capped(resp, self.cfg.max_bytes)
+        return Fetched(
+            url,
+            "ok",
+            data=data,
+            final_url=current,
+            content_type=resp.headers.get("content-type", ""),
+        )
+
+
+def _redirect_target(url: str, current: str, resp: httpx.Response) -> Fetched | str:
+    """Where a redirect points (normalised), or why it is refused."""
+    code = resp.status_code
+    location = resp.headers.get("location")
+    if not location:
+        return Fetched(url, "http_other", f"HTTP {code} without Location", final_url=current)
+    try:
+        nxt = normalize_url(str(resp.url.join(location)))
+    except ValueError as exc:
+        return Fetched(url, "bad_url", f"redirect from {current}: {exc}", final_url=current)
+    if nxt.startswith("file://"):
+        return Fetched(url, "bad_url", f"redirect to {nxt} refused", final_url=current)
+    return nxt
+
+
+def _failure(url: str, current: str, exc: BaseException) -> Fetched:
+    """The outcome status for an exception raised while fetching ``current``."""
+    # Order matters: the httpx subclasses before httpx.HTTPError, everything before OSError.
+    if isinstance(exc, BlockedAddress):
+        return Fetched(url, "blocked_address", str(exc), final_url=current)
+    if isinstance(exc, _TooLarge):
+        return Fetched(url, "too_large", str(exc), final_url=current)
+    if isinstance(exc, _BadEncoding):
+        return Fetched(url, "decode_error", str(exc), final_url=current)
+    if isinstance(exc, ResolveFailed):
+        return Fetched(url, "connection_error", str(exc), final_url=current)
+    if isinstance(exc, httpx.TimeoutException):
+        return Fetched(url, "timeout", f"{type(exc).__name__} at {current}", final_url=current)
+    if isinstance(exc, httpx.RemoteProtocolError):
+        text = str(exc).lower()
+        reason = "truncated" if "incomplete" in text or "closed" in text else "connection_error"
+        return Fetched(url, reason, f"{current}: {exc}", final_url=current)
+    if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+        return Fetched(url, "bad_url", f"{current}: {exc}", final_url=current)
+    if isinstance(exc, httpx.HTTPError):
+        return Fetched(
+            url, "connection_error", f"{current}: {type(exc).__name__}: {exc}", final_url=current
+        )
+    return Fetched(url, "connection_error", f"{current}: {exc}", final_url=current)
 
 
 async def fetch_all(urls: list[str], cfg: DownloadConfig) -> list[Fetched]:
