@@ -8,6 +8,11 @@ This file is pushed to the Space as-is: it imports nothing from freshnet. Enviro
   FRESHNET_COMPILE                          1 (default): compile the model with torch.compile in the
                                             background; 0: always run the eager model
   FRESHNET_FEEDBACK                         feedback sink: a folder (default ./feedback) or s3://bucket/prefix
+  FRESHNET_FEEDBACK_REPO                    send feedback to this Hub dataset ("owner/name") instead;
+                                            default: metadata.json's feedback_repo (space.feedback_repo)
+  FRESHNET_FEEDBACK_TOKEN                   its token (a Space secret): write access to that dataset only
+  FRESHNET_FEEDBACK_EVERY_MIN               commit corrections this often (default: metadata.json's
+                                            feedback_every_min, else 5)
   FRESHNET_MAX_PIXELS                       largest photo accepted, in pixels (default 50 million)
   FRESHNET_MAX_DECODE_MB                    memory one photo may need decoded (default 256): counted
                                             in bytes per pixel, so 16-bit and transparent images
@@ -15,7 +20,8 @@ This file is pushed to the Space as-is: it imports nothing from freshnet. Enviro
   FRESHNET_UPLOAD_TTL_S                     uploads are deleted from Gradio's cache after this
                                             many seconds (default 900)
 
-Feedback format (read by freshnet's `feedback` source), one pair per correction:
+Feedback format (read by freshnet's `feedback` source), one pair per correction (in a Hub dataset
+repo, <sink> is feedback/<replica uuid>, one per app process):
   <sink>/<label>/<id>.jpg    the upload normalised like ingest: RGB JPEG, max side 400
   <sink>/<label>/<id>.json   {"id", "label", "predicted", "probabilities", "model_version", "time"}:
                              label a class of the model, probabilities only for its classes (at
@@ -34,6 +40,7 @@ import logging
 import math
 import os
 import re
+import signal
 import threading
 import time
 import uuid
@@ -376,6 +383,139 @@ class FeedbackSink:
         return fid
 
 
+FEEDBACK_TOKEN_ENV = "FRESHNET_FEEDBACK_TOKEN"
+
+
+class FeedbackRepoError(RuntimeError):
+    """The feedback dataset repo cannot be used (missing or wrong token, no such repo)."""
+
+
+def _repo_problem(exc: Exception, repo_id: str, write: bool) -> str:
+    """A message naming the repo and the Space secret, for the log (never shown to users)."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    where = f"feedback repo datasets/{repo_id}"
+    if status == 403 and write:
+        return (
+            f"{where}: the token in {FEEDBACK_TOKEN_ENV} cannot write to it (HTTP 403); give the "
+            "Space secret a token with write access to this dataset"
+        )
+    if status in (401, 403, 404):
+        return (
+            f"{where}: HTTP {status}, the token in {FEEDBACK_TOKEN_ENV} is wrong or has no access "
+            "to this dataset, or the dataset does not exist; create the dataset and set the Space "
+            f"secret {FEEDBACK_TOKEN_ENV} to a token with write access to it"
+        )
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{where}: {type(exc).__name__}: {first}"
+
+
+def _make_scheduler(repo_id: str, token: str, folder: Path, replica: str, every_min: float):
+    """huggingface_hub's CommitScheduler for one replica's folder, with errors that name the repo
+    and the secret; built here so that importing app.py does not import huggingface_hub."""
+    from huggingface_hub import CommitScheduler, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.hf_api import RepoUrl
+
+    class _Api(HfApi):
+        def create_repo(self, repo_id: str, **kwargs: Any) -> Any:  # noqa: ARG002
+            # The dataset is made by its owner; the app's token may write to it only (a
+            # fine-grained token cannot create repos). Check it is there and readable instead.
+            try:
+                self.dataset_info(repo_id)
+            except HfHubHTTPError as exc:
+                raise FeedbackRepoError(_repo_problem(exc, repo_id, write=False)) from None
+            return RepoUrl(f"{self.endpoint}/datasets/{repo_id}", endpoint=self.endpoint)
+
+    class _Scheduler(CommitScheduler):
+        last_error: str | None = None
+
+        def push_to_hub(self) -> Any:
+            try:
+                info = super().push_to_hub()
+            except HfHubHTTPError as exc:
+                # The files stay in the folder, unmarked: the next run sends them again.
+                self.last_error = _repo_problem(exc, repo_id, write=True)
+                log.error("feedback not sent: %s", self.last_error)
+                raise FeedbackRepoError(self.last_error) from None
+            self.last_error = None
+            if info is not None:
+                log.info("feedback committed to datasets/%s (%s)", repo_id, info.oid)
+            return info
+
+    return _Scheduler(
+        repo_id=repo_id,
+        repo_type="dataset",
+        folder_path=folder,
+        path_in_repo=f"feedback/{replica}",
+        every=every_min,
+        # HF_ENDPOINT read now, not at huggingface_hub's import (a mirror, or a test's stand-in).
+        hf_api=_Api(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token),
+    )
+
+
+class HubFeedbackSink:
+    """Corrections committed to a Hub dataset repo by huggingface_hub's CommitScheduler.
+
+    Append-only, one pair per correction as FeedbackSink writes them (normalised, bounded), under
+    ``feedback/<replica>/<label>/<id>.{jpg,json}``: each app process (replica) has its own uuid
+    folder, so replicas never write the same path. A correction is kept in a local folder until
+    the scheduler's next commit (every ``every_min`` minutes; the Space disk is ephemeral, so at
+    most that long of corrections is lost if the Space is killed without a clean stop). The
+    token: the Space secret FRESHNET_FEEDBACK_TOKEN, write access to this one dataset.
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        token: str | None,
+        classes: list[str] | None = None,
+        every_min: float = 5.0,
+        folder: str | Path | None = None,
+        max_side: int = FEEDBACK_MAX_SIDE,
+    ):
+        if not token:
+            raise FeedbackRepoError(
+                f"feedback repo datasets/{repo_id} is set but {FEEDBACK_TOKEN_ENV} is not: add "
+                "a token with write access to this dataset as that Space secret"
+            )
+        import tempfile
+
+        self.repo_id = repo_id
+        self.replica = uuid.uuid4().hex
+        self.folder = Path(folder or tempfile.mkdtemp(prefix="freshnet-feedback-"))
+        self.local = FeedbackSink(str(self.folder), classes, max_side)
+        self.scheduler = _make_scheduler(repo_id, token, self.folder, self.replica, every_min)
+        self.where = f"datasets/{repo_id}/feedback/{self.replica}"
+
+    def write(self, image_path: str, label: str, predicted: dict[str, float], version: str) -> str:
+        # Under the scheduler's lock: a commit lists the folder either before this pair or
+        # after both files are complete.
+        with self.scheduler.lock:
+            return self.local.write(image_path, label, predicted, version)
+
+    def flush(self, timeout_s: float | None = 60.0) -> Any:
+        """Commit what is waiting now (a stop, a test); raises FeedbackRepoError on failure."""
+        return self.scheduler.trigger().result(timeout_s)
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+
+def make_sink(bundle: Path, meta: dict[str, Any], classes: list[str]) -> Any:
+    """The feedback sink the settings ask for: the Hub dataset repo (FRESHNET_FEEDBACK_REPO or
+    metadata.json's feedback_repo) or else FRESHNET_FEEDBACK (a folder or s3://)."""
+    repo = os.environ.get("FRESHNET_FEEDBACK_REPO") or meta.get("feedback_repo")
+    if repo:
+        repo = str(repo).removeprefix("hf://datasets/").strip("/")
+        every = float(
+            os.environ.get("FRESHNET_FEEDBACK_EVERY_MIN") or meta.get("feedback_every_min") or 5
+        )
+        return HubFeedbackSink(
+            repo, os.environ.get(FEEDBACK_TOKEN_ENV), classes=classes, every_min=every
+        )
+    return FeedbackSink(os.environ.get("FRESHNET_FEEDBACK") or str(bundle / "feedback"), classes)
+
+
 def _describe(meta: dict[str, Any]) -> str:
     acc = meta.get("holdout_accuracy")
     parts = [f"**Model** `{meta.get('version', 'unknown')}`"]
@@ -394,9 +534,7 @@ def build_demo(bundle: Path = HERE, classifier: Classifier | None = None):
 
     meta = load_metadata(bundle)
     clf = classifier or Classifier(bundle / "model.pkl")
-    sink = FeedbackSink(
-        os.environ.get("FRESHNET_FEEDBACK") or str(bundle / "feedback"), classes=clf.vocab
-    )
+    sink = make_sink(bundle, meta, clf.vocab)
     title = meta.get("title") or "freshnet classifier"
     version = str(meta.get("version", "unknown"))
     lock = threading.Lock()
@@ -468,6 +606,7 @@ def build_demo(bundle: Path = HERE, classifier: Classifier | None = None):
             send_feedback, inputs=[image, label, correct], outputs=thanks, api_name="feedback"
         )
         gr.api(metadata, api_name="metadata")
+    demo.freshnet_sink = sink  # main() flushes a Hub sink on SIGTERM
     return demo
 
 
@@ -514,6 +653,10 @@ def _guard_image_preprocess(component: Any, gr: Any) -> None:
     component.preprocess = preprocess
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO)
     import torch
@@ -531,6 +674,10 @@ def main() -> None:
         max_size=int(os.environ.get("FRESHNET_QUEUE_SIZE", "64")),
     )
     log.info("model loaded in %.1f s", time.monotonic() - started)
+    if isinstance(getattr(demo, "freshnet_sink", None), HubFeedbackSink):
+        # A Space stop (or `freshnet serve` stopping its app) sends SIGTERM: as Ctrl-C it ends
+        # launch() cleanly, and the scheduler's exit hook commits the corrections still waiting.
+        signal.signal(signal.SIGTERM, _interrupt)
     demo.launch(
         max_file_size=f"{int(os.environ.get('FRESHNET_MAX_UPLOAD_MB', '10'))}mb",
         allowed_paths=[str(HERE / "examples")],

@@ -240,6 +240,10 @@ def hash_throughput(paths: list[Path], tmp: Path) -> dict:
     ph, _, ok = dedupe.hash_files(files, workers=cpus)
     out["ours"] = len(files) / (time.perf_counter() - t)
     out["ok"] = int(ok.sum())
+    # The floor under any pHash of a JPEG file: reading it and entropy-decoding it at the
+    # smallest DCT scale (1/8), nothing else. Huffman decoding cannot skip AC coefficients, so
+    # this is the most any hasher can do per core; times the cores it bounds the ratio.
+    out["floor_1core"] = _decode_floor(files)
     try:
         from imagededup.methods import PHash
     except ImportError:
@@ -247,10 +251,6 @@ def hash_throughput(paths: list[Path], tmp: Path) -> dict:
     t = time.perf_counter()
     enc = PHash(verbose=False).encode_images(image_dir=str(d), num_enc_workers=cpus)
     out["imagededup"] = len(enc) / (time.perf_counter() - t)
-    # The floor under any pHash of a JPEG file: reading it and entropy-decoding it at the
-    # smallest DCT scale (1/8), nothing else. Huffman decoding cannot skip AC coefficients, so
-    # this is the most any hasher can do per core; times the cores it bounds the ratio.
-    out["floor_1core"] = _decode_floor(files)
     theirs = dedupe.hex_to_u64([enc[f.name] for f in files])
     # Same algorithm, different resampling (they resize RGB then grey; we decode at reduced scale).
     out["median_bits_vs_imagededup"] = float(np.median(dedupe.hamming(ph, theirs)))
@@ -360,6 +360,7 @@ def main() -> None:
     total = time.perf_counter() - t0
 
     figures = []
+    hash_floor = ht["floor_1core"] * ht["workers"]
     ratio = ht["ours"] / ht["imagededup"] if ht["imagededup"] else None
     ceiling = (
         ht["floor_1core"] * ht["workers"] / ht["imagededup"]
@@ -378,6 +379,19 @@ def main() -> None:
             "median_bits_vs_imagededup": ht.get("median_bits_vs_imagededup"),
             "decode_floor_1core": _r(ht.get("floor_1core"), 1),
             "ceiling_ratio": _r(ceiling, 2),
+            "of_floor": _r(ht["ours"] / hash_floor, 3),
+        }
+    )
+    figures.append(
+        {
+            "benchmark": "hash_floor",
+            "unit": "images/s",
+            "ours": round(hash_floor, 1),
+            "baseline": round(ht["imagededup"], 1) if ht["imagededup"] else None,
+            "goal": "the most any pHash of these files reaches here: read + 1/8-scale JPEG "
+            "decode alone, one core's rate x cores; hash_throughput is measured against it",
+            "floor_1core": round(ht["floor_1core"], 1),
+            "cores": ht["workers"],
         }
     )
     figures.append(

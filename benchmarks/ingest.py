@@ -296,6 +296,8 @@ def main() -> None:
             "ours": round(ours["wall"], 3),
             "baseline": round(base["wall"], 3),
             "goal": "baseline/ours >= 4",
+            "floor": round(best, 3),
+            "ours_over_floor": round(ours["wall"] / best, 2),
         },
         {
             "benchmark": "ingest_floor",

@@ -21,7 +21,7 @@ Figures:
   flipped flagged / (flipped flagged + flagged images that are neither flipped nor flagged in
   the clean run, f = 0). "ours" is the mean over runs, "detail" has every run. Baseline: the
   in-sample check as it was (a model trained on the uncurated f=0.20 snapshot judges its own
-  training labels, ``train.find_label_noise`` at p >= 0.9), on the flipped images in train.
+  training labels, ``evaluate.find_label_noise`` at p >= 0.9), on the flipped images in train.
 - noisy_vs_clean_accuracy: holdout accuracy of a challenger trained on the curated f=0.20 store
   minus that of a challenger trained on the clean (f=0) store, both scored on the clean
   snapshot's holdout. Baseline: the same delta for the uncurated (no label check) noisy model.
@@ -354,7 +354,7 @@ def run(tmp: Path) -> None:
     noisy = train_and_eval(cfg_u, "noisy", holdout, eval_dir)
     manifest_u = dataset.load_manifest(s_u, noisy["snapshot"])
     train_u = manifest_u[manifest_u["split"] == "train"].reset_index(drop=True)
-    found = train.find_label_noise(
+    found = evaluate.find_label_noise(
         noisy["model_path"],
         train_u,
         cycle.cache_dir(cfg_u) / "images",

@@ -135,6 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port or cfg.space.serve_port,
         poll_s=args.poll or cfg.space.serve_poll_s,
         feedback_dir=cfg.space.feedback_dir,
+        front=not args.direct,
     )
     return 0
 
@@ -232,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("serve", cmd_serve, "serve the Space repo's HEAD locally; redeploy on new commits")
     sp.add_argument("--port", type=int, help="default: space.serve_port (7860)")
     sp.add_argument("--poll", type=float, help="seconds between checks for a new commit")
+    sp.add_argument(
+        "--direct",
+        action="store_true",
+        help="the app binds the port itself (no front): each redeploy has a gap, logged",
+    )
     add("demo", cmd_demo, "run the offline demo image web in the foreground")
 
     cp = sub.add_parser("config", help="config tools").add_subparsers(dest="what", required=True)

@@ -30,6 +30,9 @@ NON_CONFIG_ENV = frozenset(
         "FRESHNET_COMPILE",  # app/app.py
         "FRESHNET_CONCURRENCY",  # app/app.py
         "FRESHNET_FEEDBACK",  # app/app.py: feedback sink
+        "FRESHNET_FEEDBACK_EVERY_MIN",  # app/app.py: how often the Hub sink commits
+        "FRESHNET_FEEDBACK_REPO",  # app/app.py: the feedback dataset repo
+        "FRESHNET_FEEDBACK_TOKEN",  # app/app.py, freshnet/feedback.py: that dataset's token
         "FRESHNET_GIT_URL",  # prefect.yaml pull step (infra/README.md)
         "FRESHNET_MAX_DECODE_MB",  # app/app.py
         "FRESHNET_MAX_PIXELS",  # app/app.py
@@ -83,10 +86,45 @@ class SourceConfig(_Section):
     type_image: str | None = None  # photo, clipart, gif, transparent, line
     layout: str | None = None  # Square, Tall, Wide
     color: str | None = None
+    # The night's search breaker (DuckDuckGo blocks for minutes after a burst of searches): on a
+    # rate-limit answer, or an empty first page for a query that had results on an earlier
+    # night, all searching pauses this long, then resumes where it stopped.
+    cooldown_s: float = Field(900.0, ge=0)
+    search_budget_s: float = Field(3600.0, gt=0)  # wall time the night's search may take
+    search_budget_calls: int = Field(300, ge=1)  # ddgs calls per night, retries included
+    # The night's calls are spread over this long (pause_s at least between two), not fired
+    # back to back; 0 = only pause_s.
+    search_spread_s: float = Field(300.0, ge=0)
+    # Passed to DDGS(proxy=...); None = ddgs reads DDGS_PROXY. No credentials here (the config
+    # is a Prefect parameter): a proxy with user:password goes in DDGS_PROXY.
+    proxy: str | None = None
     # demo: images per query and night served by the local image web
     demo_per_query: int = Field(40, ge=1, le=1000)
     demo_seed: int = 0
     demo_port: int = Field(0, ge=0, le=65535)  # 0 = a free port
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_without_credentials(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if "://" not in v:
+            raise ValueError("must be a URL such as http://host:3128 or socks5://host:1080")
+        if "@" in v.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError(
+                "must not carry credentials (the config is a Prefect parameter); "
+                "set DDGS_PROXY in the worker's environment instead"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _spread_within_budget(self) -> SourceConfig:
+        if self.search_spread_s > self.search_budget_s:
+            raise ValueError(
+                f"source.search_spread_s ({self.search_spread_s:g}) must not exceed "
+                f"source.search_budget_s ({self.search_budget_s:g})"
+            )
+        return self
 
 
 class DownloadConfig(_Section):
@@ -164,6 +202,9 @@ class LabelCheckConfig(_Section):
     chance_fraction: float = Field(1.0, gt=0, le=1)
     max_flag_fraction: float = Field(0.25, gt=0, le=1)  # per class; more means bad queries
     seed: int = 0
+    # Earlier images cross-validated per night; past it a per-night sample of this many (whole
+    # near-duplicate groups, per class): the refit grows with rows (149 s at 50k, 15 s at 10k).
+    max_rows: int = Field(20_000, ge=100)
 
 
 class TrainConfig(_Section):
@@ -186,8 +227,13 @@ class TrainConfig(_Section):
     noise_top_loss_fraction: float = Field(0.0, ge=0, le=0.5)  # also list this top-loss tail
     min_scale: float = Field(0.75, gt=0, le=1.0)  # RandomResizedCrop lower bound when augmenting
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 or fp16 on CUDA
-    num_workers: int | None = Field(None, ge=0, le=64)  # None: 0 on CPU, min(8, cores) on CUDA
+    # None: 0 on CPU; on CUDA min(8, cores) for loader "files", 2 for "cache" (it only copies rows)
+    num_workers: int | None = Field(None, ge=0, le=64)
     freeze_bn: bool = True  # body BatchNorm keeps pretrained statistics (small data, small batches)
+    # "cache": images decoded and resized once into a memory-mapped uint8 cache (extended each
+    # night), augmentation on the batch on the training device; "files": decode every epoch.
+    loader: Literal["cache", "files"] = "cache"
+    cache_margin: float = Field(1.15, ge=1.0, le=2.0)  # cached side / image_size, for random crops
 
 
 class PolicyConfig(_Section):
@@ -214,6 +260,30 @@ class SpaceConfig(_Section):
     hf_token_secret: str | None = "hf-token"
     serve_port: int = Field(7860, ge=1, le=65535)  # `freshnet serve` / `make app`
     serve_poll_s: float = Field(2.0, gt=0)  # how often `freshnet serve` looks for a new commit
+    # The app's corrections through the Hub (issue 16): "hf://datasets/<owner>/<name>" or
+    # "<owner>/<name>", a dataset repo the owner creates. The app commits to it with
+    # huggingface_hub's CommitScheduler (its token: the Space secret FRESHNET_FEEDBACK_TOKEN, write
+    # access to this dataset only); the nightly reads it with FRESHNET_FEEDBACK_TOKEN or the
+    # Prefect Secret block below (read access to this dataset is enough). None: feedback_dir only.
+    feedback_repo: str | None = None
+    feedback_token_secret: str | None = "hf-feedback-token"
+    feedback_every_min: float = Field(5.0, gt=0)  # the app commits its corrections this often
+
+    @field_validator("feedback_repo")
+    @classmethod
+    def _dataset_repo(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        bare = v.removeprefix("hf://datasets/").strip("/")
+        parts = bare.split("/")
+        if v.startswith("hf://") and not v.startswith("hf://datasets/") or len(parts) != 2:
+            raise ValueError(
+                f"{v!r} is not a dataset repo: use 'hf://datasets/<owner>/<name>' or '<owner>/<name>'"
+            )
+        allowed = set(string.ascii_letters + string.digits + "._-")
+        if not all(p and len(p) <= 96 and set(p) <= allowed and p[0] not in "._-" for p in parts):
+            raise ValueError(f"{v!r}: owner and name may hold letters, digits, '.', '_' and '-'")
+        return f"hf://datasets/{bare}"
 
 
 class FeedbackConfig(_Section):

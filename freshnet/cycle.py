@@ -59,18 +59,29 @@ def config_fingerprint(cfg: Config) -> str:
 # ---- ingest ---------------------------------------------------------------------------------
 
 
-def search_step(cfg: Config, night: str) -> dict:
-    from freshnet import feedback
+def search_step(cfg: Config, night: str, feedback_token: str | None = None) -> dict:
+    """``feedback_token``: space.feedback_repo's token read at run time (else the environment's)."""
+    from freshnet import feedback, sources
 
-    report = feedback.search_all(cfg, night)
+    store = open_store(cfg)
+    options: dict[str, Any] = {}
+    if cfg.source.kind == "duckduckgo":
+        # Which queries had results on earlier nights: tonight an empty first page of one of
+        # them is taken for a block (sources.SearchBreaker), not for an empty result.
+        options["history"] = sources.load_search_history(store)
+    report = feedback.search_all(cfg, night, feedback_token=feedback_token, **options)
     data = report.to_dict()
-    key = put_json(open_store(cfg), f"nights/{night}/search.json", data)
+    key = put_json(store, f"nights/{night}/search.json", data)
+    sources.save_search_history(store, report, night)
     log.info("night %s: %d candidate URLs (%s)", night, len(report.candidates), key)
     return {
         "key": key,
         "candidates": len(report.candidates),
         "failures": report.failures,
         "failed_classes": report.failed_classes,
+        # The search breaker's pauses, resumes and give-up, for the night's summary.
+        "search_events": report.events,
+        "search_gave_up": report.gave_up,
     }
 
 
@@ -114,20 +125,22 @@ def _champion_probs(cfg: Config, store: Storage, champion: dict, rows: Any, judg
     """
     import numpy as np
 
-    from freshnet import evaluate, train
+    from freshnet import predictions
 
     probs = np.full((len(rows), len(cfg.classes)), np.nan)
     picked = rows[judge]
     if len(picked) == 0:
         return probs
-    model_path = cache_dir(cfg) / "models" / champion["version"] / "model.pkl"
     try:
-        if not model_path.exists():
-            store.get_to_file(champion["model_key"], model_path)
-        image_dir = train.materialize(store, picked, cache_dir(cfg) / "images")
-        _, p, vocab = evaluate.predict_files(
-            model_path, [train.image_path(image_dir, s) for s in picked["sha256"]]
+        # Through the prediction cache: a rerun night reads these back, and tonight's new
+        # holdout images are then already scored when the champion is evaluated.
+        scored = predictions.score(
+            store,
+            champion["version"],
+            picked["sha256"].tolist(),
+            _predictor(cfg, store, champion["model_key"], champion["version"]),
         )
+        p, vocab = scored.probs, scored.vocab
     except Exception as exc:  # noqa: BLE001 - the embeddings alone still judge the labels
         log.warning("label check without the champion: %s: %s", type(exc).__name__, exc)
         return probs
@@ -157,6 +170,19 @@ def label_check_step(cfg: Config, night: str, champion: dict | None = None) -> d
     store = open_store(cfg)
     df = dataset.load_catalog(store)
     rows = df[(df["status"] == "ok") & df["label"].isin(cfg.classes)].reset_index(drop=True)
+    # Past label_check.max_rows earlier images, a per-night sample of them (tonight's all):
+    # only those are loaded and refit, so a night's check does not grow with the catalog.
+    picked, sampled = labels.sample_earlier(
+        rows["label"].tolist(),
+        rows["group"].tolist(),
+        (rows["first_seen"].astype(str) == str(night)).to_numpy(),
+        lc.max_rows,
+        labels.night_seed(lc.seed, night),
+    )
+    rows = rows[picked].reset_index(drop=True)
+    if sampled:
+        log.info("label check: %s", sampled)
+    # Curation has already cached every image's embedding: only the sampled ones are read.
     emb = embed.ensure_embeddings(store, rows["sha256"].tolist(), progress=True)
     missing = int((~emb.ok).sum())
     rows, emb = rows[emb.ok].reset_index(drop=True), emb.take(np.flatnonzero(emb.ok))
@@ -189,6 +215,8 @@ def label_check_step(cfg: Config, night: str, champion: dict | None = None) -> d
         notes.append(f"{missing} image(s) without an embedding (unreadable): not judged")
     for note in notes:
         log.warning("label check: %s", note)
+    if sampled:
+        notes.append(sampled)
     check = labels.LabelCheck(int(judged.sum()), issues, notes, sources)
     if issues:
         held = dataset.quarantine_images(
@@ -250,9 +278,16 @@ def train_step(
     on_progress: Callable[[float, int], None] | None = None,
 ) -> dict:
     """Train ``version``; ``on_progress(epochs, total)`` follows the training."""
-    from freshnet import dataset, train
+    from freshnet import dataset, evaluate, train
 
     store = open_store(cfg)
+    tc = cfg.train
+
+    def find_noise(model_path: Path, rows: Any, image_dir: Path) -> list[dict]:
+        return evaluate.find_label_noise(
+            model_path, rows, image_dir, tc.noise_confidence, tc.noise_top_loss_fraction
+        )
+
     result = train.train_snapshot(
         store,
         snapshot_id,
@@ -261,6 +296,7 @@ def train_step(
         cache_dir(cfg),
         init_model_key=init_model_key,
         progress=on_progress,
+        find_noise=find_noise if tc.in_sample_noise else None,
     )
     noisy = result.get("noisy") or []
     if noisy:
@@ -306,8 +342,33 @@ def night_version(cfg: Config, night: str, snapshot_id: str, init_key: str | Non
 # ---- evaluate and decide --------------------------------------------------------------------
 
 
+def _predictor(cfg: Config, store: Storage, model_key: str, version: str) -> Callable:
+    """predict(shas) -> (probs, vocab) for freshnet.predictions: fetches the model and only the
+    images it is asked for, so rows served from the prediction cache cost no download."""
+
+    def predict(shas: list[str]) -> tuple[Any, list[str]]:
+        import pandas as pd
+
+        from freshnet import evaluate, train
+
+        model_path = cache_dir(cfg) / "models" / version / "model.pkl"
+        if not model_path.exists():
+            store.get_to_file(model_key, model_path)
+        image_dir = train.materialize(
+            store, pd.DataFrame({"sha256": shas}), cache_dir(cfg) / "images"
+        )
+        _, probs, vocab = evaluate.predict_files(
+            model_path, [train.image_path(image_dir, s) for s in shas]
+        )
+        return probs, vocab
+
+    return predict
+
+
 def evaluate_step(cfg: Config, model_key: str, version: str, snapshot_id: str) -> dict:
-    from freshnet import dataset, evaluate, train
+    """Score ``version`` on the snapshot's holdout; the model predicts only the images its
+    prediction cache (per version and image sha256) does not hold yet."""
+    from freshnet import dataset, evaluate, predictions
 
     store = open_store(cfg)
     key = f"evals/{version}/{snapshot_id}.json"
@@ -316,12 +377,11 @@ def evaluate_step(cfg: Config, model_key: str, version: str, snapshot_id: str) -
     except NotFound:
         pass
     manifest = dataset.load_manifest(store, snapshot_id)
-    holdout = manifest[manifest["split"] == "holdout"]
-    image_dir = train.materialize(store, holdout, cache_dir(cfg) / "images")
-    model_path = cache_dir(cfg) / "models" / version / "model.pkl"
-    if not model_path.exists():
-        store.get_to_file(model_key, model_path)
-    ev = evaluate.evaluate_model(model_path, version, holdout, image_dir)
+    rows = evaluate.holdout_rows(manifest[manifest["split"] == "holdout"])
+    scored = predictions.score(
+        store, version, rows["sha256"].tolist(), _predictor(cfg, store, model_key, version)
+    )
+    ev = evaluate.evaluation_from(version, rows, scored.probs, scored.vocab, cached=scored.cached)
     store.put(f"evals/{version}/{snapshot_id}.png", evaluate.confusion_png(ev))
     put_json(store, key, ev.to_dict())
     return ev.to_dict()

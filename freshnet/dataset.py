@@ -299,15 +299,19 @@ def _copy_pairs(
     from . import copies, embed
 
     # Every image ever accepted is cached since its own night (computed once if the cache is new).
-    both = embed.ensure_embeddings(
-        store, [*existing, *(o["sha256"] for o in pending)], progress=True
-    )
-    old = both.take(range(len(existing)))
-    new = both.take(range(len(existing), len(both)))
+    tonight = [o["sha256"] for o in pending]
+    new = embed.ensure_embeddings(store, [*existing, *tonight], progress=True, keep=tonight)
+    # Only each new image's nearest cached rows are held, never the whole history: its memory
+    # and the search stream segment by segment (a year of nights is 100k+ embeddings).
+    old = embed.nearest_cached(store, new, existing, ddc.copy_candidates)
     args = (ddc.copy_candidates, ddc.copy_floor, ddc.copy_threshold)
     found = copies.find_copies(new, old, *args)
     within = copies.find_copies(new, None, *args)
-    pairs = list(zip(found.query.tolist(), found.target.tolist(), strict=True))
+    row_of = {s: i for i, s in reversed(list(enumerate(existing)))}
+    pairs = [
+        (q, row_of[old.shas[t]])
+        for q, t in zip(found.query.tolist(), found.target.tolist(), strict=True)
+    ]
     batch = list(zip(within.query.tolist(), within.target.tolist(), strict=True))
     log.info("disguised copies: %d of history, %d within tonight", len(pairs), len(batch))
     return pairs, batch

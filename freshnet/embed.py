@@ -192,13 +192,18 @@ def _read_pointer(store: Storage) -> tuple[list[str], str | None]:
         return [], token
 
 
-def _read_segment(store: Storage, key: str) -> dict[str, Row] | None:
-    """A segment's sound rows by sha256, or None when the segment is missing or corrupt."""
+def _segment_arrays(
+    store: Storage, key: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """A segment's (sha, float16 emb, thumb, hw, norm) with only its sound rows, or None when
+    the segment is missing or corrupt."""
     try:
         with np.load(io.BytesIO(store.get(key)), allow_pickle=False) as z:
-            shas = [str(s) for s in z["sha"]]
-            emb = z["emb"].astype(np.float32)
-            thumb, hw = z["thumb"].astype(np.uint8), z["hw"].astype(np.int32)
+            shas = z["sha"].astype(str)
+            emb = z["emb"]
+            # copy=False: a segment's thumbnails are 4 KB a row, most never looked at.
+            thumb = z["thumb"].astype(np.uint8, copy=False)
+            hw = z["hw"].astype(np.int32, copy=False)
     except NotFound:
         log.warning("embedding segment %s is missing: its images are embedded again", key)
         return None
@@ -209,19 +214,48 @@ def _read_segment(store: Storage, key: str) -> dict[str, Row] | None:
     if emb.shape != (n, DIM) or thumb.shape != (n, THUMB, THUMB) or hw.shape != (n, 2):
         log.warning("embedding segment %s has bad shapes: its images are embedded again", key)
         return None
+    # Norms chunk by chunk: a compacted segment of 100k rows in float32 at once is 0.5 GB.
+    ne = np.concatenate(
+        [np.linalg.norm(emb[i : i + 8192].astype(np.float32), axis=1) for i in range(0, n, 8192)]
+        or [np.zeros(0, np.float32)]
+    )
     # Rows that are not finite unit vectors (bit rot, a bad writer) are recomputed.
-    ne = np.linalg.norm(emb, axis=1)
     good = np.isfinite(ne) & (np.abs(ne - 1) < 0.01)
     good &= (hw >= 1).all(axis=1) & (hw <= THUMB).all(axis=1)
     if not good.all():
         log.warning(
             "embedding segment %s: %d bad row(s) are embedded again", key, int((~good).sum())
         )
+        shas, emb, thumb, hw, ne = shas[good], emb[good], thumb[good], hw[good], ne[good]
+    return shas, emb, thumb, hw, ne
+
+
+def _rows(
+    shas: np.ndarray, emb: np.ndarray, thumb: np.ndarray, hw: np.ndarray, ne: np.ndarray, pick
+) -> dict[str, Row]:
+    """Rows ``pick`` of a segment's arrays, in float32 of unit length, copied out of the segment
+    (so the segment's arrays are freed)."""
     # float16 storage: restore unit length exactly, so cosine similarity is a plain dot product.
-    out = {}
-    for i in np.flatnonzero(good):
-        out[shas[i]] = (emb[i] / ne[i], thumb[i], hw[i])
-    return out
+    e = emb[pick].astype(np.float32) / ne[pick, None]
+    t, h = thumb[pick], hw[pick]
+    return {str(s): (e[i], t[i], h[i]) for i, s in enumerate(shas[pick])}
+
+
+def _read_segment(
+    store: Storage, key: str, wanted: set[str] | None = None
+) -> tuple[dict[str, Row], set[str]] | None:
+    """A segment's sound rows by sha256 (only ``wanted`` ones when given) and every sound sha in
+    it, or None when the segment is missing or corrupt."""
+    arrays = _segment_arrays(store, key)
+    if arrays is None:
+        return None
+    shas = arrays[0]
+    present = set(shas.tolist())
+    if wanted is None:
+        pick = np.arange(len(shas))
+    else:
+        pick = np.flatnonzero([s in wanted for s in shas.tolist()])
+    return _rows(*arrays, pick), present
 
 
 def _encode(shas: Sequence[str], rows: Sequence[Row]) -> bytes:
@@ -246,7 +280,8 @@ def _add_segment(
         live = [k for k in segments if k in sound]  # corrupt/missing ones are forgotten
         if len(live) >= MAX_SEGMENTS:
             # Compaction, once every MAX_SEGMENTS writes: one O(all) write keeps loads cheap.
-            rows = {**cached, **new}
+            # Only then is every cached row read into memory (callers hold only those they use).
+            rows = {**load_cache(store)[0], **cached, **new}
             key = f"{PREFIX}{len(rows):09d}-{secrets.token_hex(4)}.npz"
             store.put(key, _encode(list(rows), list(rows.values())))
             segments_after, retired = [key], live
@@ -263,18 +298,27 @@ def _add_segment(
     log.warning("embedding cache pointer kept changing: %d embeddings not cached", len(new))
 
 
-def load_cache(store: Storage) -> tuple[dict[str, Row], list[str]]:
-    """Every sound cached row by sha256, and the segment keys that loaded."""
+def load_cache(store: Storage, wanted: set[str] | None = None) -> tuple[dict[str, Row], list[str]]:
+    """Every sound cached row by sha256 (only ``wanted`` ones when given), and the segment keys
+    that loaded."""
+    rows, loaded, _ = _load(store, wanted)
+    return rows, loaded
+
+
+def _load(store: Storage, wanted: set[str] | None) -> tuple[dict[str, Row], list[str], set[str]]:
+    """load_cache, plus the set of every sha256 the cache holds (to know what is missing)."""
     segments, _ = _read_pointer(store)
     cached: dict[str, Row] = {}
+    present: set[str] = set()
     loaded = []
     for key in segments:
-        seg = _read_segment(store, key)
+        seg = _read_segment(store, key, wanted)
         if seg is None:
             continue
         loaded.append(key)
-        cached.update(seg)
-    return cached, loaded
+        cached.update(seg[0])
+        present |= seg[1]
+    return cached, loaded, present
 
 
 def _fetch(store: Storage, shas: Sequence[str]) -> list[bytes | None]:
@@ -295,11 +339,17 @@ def ensure_embeddings(
     shas: Sequence[str],
     embedder: Embedder | None = None,
     progress: bool = False,
+    keep: Sequence[str] | None = None,
 ) -> Embeddings:
-    """Embeddings of ``shas`` (stored images), computing and caching only those not cached yet."""
+    """Embeddings of ``shas`` (stored images), computing and caching only those not cached yet.
+
+    ``keep``: return only these (a subset of ``shas``), so a caller that needs a large set cached
+    but uses a few of them does not hold the rest in memory.
+    """
     shas = list(shas)
-    cached, loaded = load_cache(store)
-    todo = list(dict.fromkeys(s for s in shas if s not in cached))
+    out = shas if keep is None else list(keep)
+    cached, loaded, present = _load(store, set(out))
+    todo = list(dict.fromkeys(s for s in shas if s not in present))
     if todo:
         bar = None
         if progress:
@@ -318,7 +368,51 @@ def ensure_embeddings(
             _add_segment(store, new, loaded, cached)
             cached.update(new)
         log.info("embedded %d image(s) (%d were cached)", len(new), len(shas) - len(todo))
-    return assemble(shas, cached)
+    return assemble(out, cached)
+
+
+def nearest_cached(store: Storage, query: Embeddings, among: Sequence[str], k: int) -> Embeddings:
+    """The cached rows of ``among`` that are among the ``k`` nearest (cosine) of some query row.
+
+    Streams the cache segment by segment, so memory stays that of one segment, not of every
+    image ever embedded. Each query's k nearest in ``among`` are all in the result, so a k-NN
+    search over the result finds exactly what a search over all of ``among`` finds.
+    """
+    q = np.ascontiguousarray(query.emb[query.ok], np.float32)
+    wanted = set(among)
+    if len(q) == 0 or not wanted or k < 1:
+        return assemble([], {})
+    best_sim = np.full((len(q), k), -np.inf, np.float32)
+    best_sha = np.full((len(q), k), "", dtype=object)
+    rows: dict[str, Row] = {}  # the rows of the current best, with their thumbnails
+    seen: set[str] = set()  # an image in two segments (two writers) is one candidate
+    segments, _ = _read_pointer(store)
+    for key in segments:
+        arrays = _segment_arrays(store, key)
+        if arrays is None:
+            continue
+        shas = arrays[0]
+        pick = np.flatnonzero([s in wanted and s not in seen for s in shas.tolist()])
+        seen.update(shas[pick].tolist())
+        for start in range(0, len(pick), 8192):
+            part = pick[start : start + 8192]
+            e = arrays[1][part].astype(np.float32) / arrays[4][part, None]
+            names = shas[part].astype(object)
+            sims = q @ e.T
+            kk = min(k, len(part))
+            top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+            all_sim = np.concatenate([best_sim, np.take_along_axis(sims, top, axis=1)], axis=1)
+            all_sha = np.concatenate([best_sha, names[top]], axis=1)
+            order = np.argsort(-all_sim, axis=1, kind="stable")[:, :k]
+            best_sim = np.take_along_axis(all_sim, order, axis=1)
+            best_sha = np.take_along_axis(all_sha, order, axis=1)
+            keep = {s for s in best_sha.ravel().tolist() if s}
+            rows = {s: r for s, r in rows.items() if s in keep}
+            for j in np.flatnonzero([s in keep and s not in rows for s in names.tolist()]):
+                i = part[j]
+                rows[names[j]] = (e[j].copy(), arrays[2][i].copy(), arrays[3][i].copy())
+    found = sorted(s for s in set(best_sha.ravel().tolist()) if s)
+    return assemble(found, rows)
 
 
 def assemble(shas: Sequence[str], rows: dict[str, Row]) -> Embeddings:

@@ -28,6 +28,10 @@ class Evaluation:
     confusion: list[list[int]]  # confusion[i][j]: truth labels[i] predicted labels[j]
     vocab: list[str] = field(default_factory=list)  # the model's classes
     confidence: list[float] = field(default_factory=list)  # probability of the predicted class
+    # Where the predictions came from (freshnet.predictions): rows read from the cache of this
+    # model version vs rows the model scored for this evaluation.
+    cached_predictions: int = 0
+    new_predictions: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -124,31 +128,75 @@ def metrics_from(
     return (correct / n if n else 0.0), per_class, conf
 
 
+def holdout_rows(holdout: pd.DataFrame) -> pd.DataFrame:
+    """The distinct holdout rows sorted by sha256: the row order every evaluation uses."""
+    if "split" in holdout.columns and (holdout["split"] != "holdout").any():
+        raise ValueError("evaluate_model got non-holdout rows (split != 'holdout')")
+    return holdout.drop_duplicates("sha256").sort_values("sha256")
+
+
+def evaluation_from(
+    version: str,
+    rows: pd.DataFrame,
+    probs: np.ndarray,
+    vocab: list[str],
+    cached: int = 0,
+) -> Evaluation:
+    """The evaluation of ``version`` from its probabilities on ``rows`` (from holdout_rows).
+
+    Every decision number (accuracy, per-class, confusion, and the paired tests in compare)
+    depends only on the arg-max class of each row, so cached and freshly computed probabilities
+    give the same numbers as long as they give the same classes.
+    """
+    shas = rows["sha256"].tolist()
+    truth = rows["label"].astype(str).tolist()
+    if probs.shape != (len(shas), len(vocab)):
+        raise ValueError(
+            f"probabilities of shape {probs.shape} for {len(shas)} rows x {len(vocab)} classes"
+        )
+    predicted = [vocab[i] for i in probs.argmax(axis=1)] if len(shas) else []
+    labels = list(vocab) + sorted(set(truth) - set(vocab))
+    acc, per_class, conf = metrics_from(truth, predicted, labels)
+    confidence = [float(p.max()) for p in probs] if len(probs) else []
+    log.info(
+        "evaluated %s on %d holdout images: accuracy %.4f (%d predictions from the cache, %d new)",
+        version,
+        len(shas),
+        acc,
+        cached,
+        len(shas) - cached,
+    )
+    return Evaluation(
+        version,
+        labels,
+        shas,
+        truth,
+        predicted,
+        acc,
+        per_class,
+        conf,
+        list(vocab),
+        confidence,
+        cached_predictions=cached,
+        new_predictions=len(shas) - cached,
+    )
+
+
 def evaluate_model(
     model_path: Path, version: str, holdout: pd.DataFrame, image_dir: Path
 ) -> Evaluation:
     """Score one model on the holdout rows (sorted by sha256 so evaluations pair up row by row)."""
     from freshnet.train import image_path
 
-    if "split" in holdout.columns and (holdout["split"] != "holdout").any():
-        raise ValueError("evaluate_model got non-holdout rows (split != 'holdout')")
-    rows = holdout.drop_duplicates("sha256").sort_values("sha256")
-    shas = rows["sha256"].tolist()
-    truth = rows["label"].astype(str).tolist()
-    paths = [image_path(image_dir, s) for s in shas]
+    rows = holdout_rows(holdout)
+    paths = [image_path(image_dir, s) for s in rows["sha256"]]
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise FileNotFoundError(
             f"{len(missing)} holdout image(s) missing under {image_dir}, e.g. {missing[0]}"
         )
-    predicted, probs, vocab = predict_files(Path(model_path), paths)
-    labels = list(vocab) + sorted(set(truth) - set(vocab))
-    acc, per_class, conf = metrics_from(truth, predicted, labels)
-    confidence = [float(p.max()) for p in probs] if len(probs) else []
-    log.info("evaluated %s on %d holdout images: accuracy %.4f", version, len(shas), acc)
-    return Evaluation(
-        version, labels, shas, truth, predicted, acc, per_class, conf, list(vocab), confidence
-    )
+    _, probs, vocab = predict_files(Path(model_path), paths)
+    return evaluation_from(version, rows, probs, vocab)
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -287,3 +335,58 @@ def confusion_png(ev: Evaluation) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def find_label_noise(
+    model_path: Path,
+    manifest_train: pd.DataFrame,
+    image_dir: Path,
+    confidence: float,
+    top_loss_fraction: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Training images the model puts in another class with probability >= ``confidence``.
+
+    With ``top_loss_fraction`` > 0 the highest-loss tail of the misclassified images is added too.
+    Returns ``{"sha256", "label", "predicted", "p", "reason"}`` sorted by p, most confident first.
+    """
+    import numpy as np
+
+    from freshnet.train import LABEL_COL, image_path
+
+    if len(manifest_train) == 0:
+        return []
+    shas = manifest_train["sha256"].tolist()
+    labels = manifest_train[LABEL_COL].astype(str).tolist()
+    predicted, probs, vocab = predict_files(
+        Path(model_path), [image_path(image_dir, s) for s in shas]
+    )
+    index = {v: i for i, v in enumerate(vocab)}
+    found: dict[str, dict[str, Any]] = {}
+    losses = []
+    for i, (sha, lab, pred) in enumerate(zip(shas, labels, predicted, strict=True)):
+        if lab not in index or pred == lab:
+            continue
+        p = float(probs[i].max())
+        loss = -math.log(max(float(probs[i][index[lab]]), 1e-12))
+        losses.append((loss, i))
+        if p >= confidence:
+            found[sha] = {
+                "sha256": sha,
+                "label": lab,
+                "predicted": pred,
+                "p": p,
+                "reason": "confident",
+            }
+    if top_loss_fraction > 0 and losses:
+        k = max(1, int(round(len(shas) * top_loss_fraction)))
+        for _, i in sorted(losses, reverse=True)[:k]:
+            if shas[i] not in found:
+                p = float(np.max(probs[i]))
+                found[shas[i]] = {
+                    "sha256": shas[i],
+                    "label": labels[i],
+                    "predicted": predicted[i],
+                    "p": p,
+                    "reason": "top_loss",
+                }
+    return sorted(found.values(), key=lambda d: -d["p"])

@@ -13,10 +13,15 @@ probability used here is out of sample:
 
 cleanlab's ``find_label_issues`` then applies per-class thresholds (a class the classifier finds
 hard gets a lower bar than an easy one) instead of one global confidence.
+
+A large catalog is not refit whole every night: past ``label_check.max_rows`` earlier images,
+``sample_earlier`` draws that many (per class, near-duplicate groups whole) with a seed that
+changes each night, so a night's work stays flat and every old image is re-judged over the nights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,6 +45,68 @@ class LabelCheck:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# Earlier images a class keeps whole (when it has no more) before a sample shrinks the big
+# classes: cleanlab's per-class threshold of a small class would drift on a handful of rows.
+MIN_PER_CLASS = 200
+
+
+def night_seed(seed: int, night: str) -> int:
+    """A sampling seed that differs per night (and per ``seed``), the same on a rerun night."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{night}".encode()).digest()[:8], "big")
+
+
+def sample_earlier(
+    labels: Sequence[str],
+    groups: Sequence[str],
+    is_new: np.ndarray,
+    max_rows: int,
+    seed: int,
+    min_per_class: int = MIN_PER_CLASS,
+) -> tuple[np.ndarray, str | None]:
+    """(rows to check tonight as a bool mask, a note or None when nothing was left out).
+
+    Every new row is kept. When more than ``max_rows`` rows are earlier ones, at most
+    ``max_rows`` of them are kept: whole near-duplicate groups (so folds still split by group),
+    drawn per class in proportion to the class's size, a class with at most ``min_per_class``
+    earlier rows kept whole (the others shrink to make room). A mixed-label group counts for
+    the label of its first row.
+    """
+    import pandas as pd
+
+    is_new = np.asarray(is_new, bool)
+    keep = np.ones(len(is_new), bool)
+    old = np.flatnonzero(~is_new)
+    if len(old) <= max_rows:
+        return keep, None
+    rng = np.random.default_rng(seed)
+    codes, _ = pd.factorize(pd.Series(np.asarray(groups, dtype=object)[old]))
+    size = np.bincount(codes)
+    first = np.unique(codes, return_index=True)[1]  # first row of each group
+    cls, _ = pd.factorize(pd.Series(np.asarray(labels, dtype=object)[old[first]]))
+    counts = np.bincount(cls, weights=size).astype(int)  # earlier rows per class
+    floor = np.minimum(counts, min_per_class)
+    if floor.sum() > max_rows:  # too many classes for the floor: an equal share each
+        floor = np.minimum(counts, max_rows // len(counts))
+    extra = counts - floor
+    quota = floor + np.floor(extra * ((max_rows - floor.sum()) / max(extra.sum(), 1))).astype(int)
+    taken_groups = np.zeros(len(size), bool)
+    for c in range(len(counts)):
+        members = rng.permutation(np.flatnonzero(cls == c))
+        taken = 0
+        for g in members:  # first fit: a group too big for what is left is skipped, not split
+            if taken + size[g] <= quota[c]:
+                taken_groups[g] = True
+                taken += size[g]
+                if taken == quota[c]:
+                    break
+    keep[old] = taken_groups[codes]
+    sampled = int(keep[old].sum())
+    return keep, (
+        f"{sampled} of {len(old)} earlier images sampled (label_check.max_rows={max_rows}); "
+        "the others are judged on later nights"
+    )
 
 
 def _logistic(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: int) -> np.ndarray:

@@ -1,13 +1,28 @@
 """Local Space runner: serve the Space repo's HEAD with `python app.py`, redeploy on each new commit.
 
 The local stand-in for Hugging Face's automatic rebuilds (`freshnet serve`, `make app`).
+
+Zero-gap redeploys: the runner owns the user-facing port through a small HTTP front (a
+forwarder in a thread of this process) and runs each app on an internal port. A new commit
+starts next to the serving one; once it answers a real prediction, the front sends new requests
+to it and the old app is stopped after its last request (a drain). The front is HTTP-aware only
+as far as routing needs: one request per upstream connection, and Gradio's session affinity
+(a `queue/join` and the `queue/data` stream that delivers its result must reach the same app).
+Everything after the request head (bodies, SSE streams, websocket upgrades) is piped as bytes.
+
+With ``front=False`` the app binds the user port itself; the old app must then stop before the
+new one can bind, and each deploy logs how long the port was unanswered (the gap).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -15,19 +30,269 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from freshnet.space import HfPublisher, PublishError, _git, publisher_for, space_head
 
 log = logging.getLogger(__name__)
 
+# A Gradio session's join whose result stream has not been opened yet keeps its app alive this
+# long (the client opens the stream right after the join answers).
+PENDING_JOIN_S = 10.0
+MAX_HEAD_BYTES = 64 * 1024
+MAX_JOIN_BODY = 1024 * 1024  # join bodies are small JSON; bigger ones are not parsed for affinity
+_SESSION_IN_BODY = re.compile(rb'"session_hash"\s*:\s*"([^"]{1,200})"')
+_SESSION_IN_QUERY = re.compile(rb"(?:^|&)session_hash=([^&]{1,200})")
+_HOP_HEADERS = {b"connection", b"keep-alive", b"proxy-connection"}
+
 
 class ServeError(RuntimeError):
     """The Space could not be checked out or did not start."""
 
 
+@dataclass(eq=False)
+class Backend:
+    """One running checkout of the Space (`python app.py` on an internal port)."""
+
+    commit: str
+    folder: Path
+    port: int
+    proc: subprocess.Popen
+    started: float = field(default_factory=time.monotonic)
+    retired: bool = False  # no new sessions; stopped once drained
+    inflight: int = 0  # requests the front has routed here that have not finished
+    pending: dict[bytes, float] = field(default_factory=dict)  # session -> join deadline
+    streams: dict[bytes, int] = field(default_factory=dict)  # session -> open queue/data streams
+
+    def drained(self) -> bool:
+        now = time.monotonic()
+        return self.inflight == 0 and all(t < now for t in self.pending.values())
+
+
+class Front:
+    """The user-facing port: forwards each HTTP request to the current backend (see module doc)."""
+
+    def __init__(self, host: str, port: int):
+        # Bound here, in the caller's thread, so a port in use fails `serve` at once.
+        try:
+            self.sock = socket.create_server((host, port))
+        except OSError as exc:
+            raise ServeError(
+                f"cannot listen on {host}:{port} ({exc.strerror}): "
+                "pass --port or set space.serve_port"
+            ) from None
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.current: Backend | None = None
+        self.sessions: dict[bytes, Backend] = {}  # Gradio session -> app of its latest join
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._server: asyncio.base_events.Server | None = None
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="freshnet-front", daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+
+        async def start() -> None:
+            self._server = await asyncio.start_server(
+                self._handle, sock=self.sock, limit=MAX_HEAD_BYTES
+            )
+            self._ready.set()
+
+        self._loop.run_until_complete(start())
+        self._loop.run_forever()
+
+    def switch(self, backend: Backend | None) -> Backend | None:
+        """New requests go to ``backend`` from now on; returns the one they went to before."""
+        with self._lock:
+            old, self.current = self.current, backend
+            if old is not None:
+                old.retired = True
+            return old
+
+    def forget(self, backend: Backend) -> None:
+        with self._lock:
+            for key in [k for k, b in self.sessions.items() if b is backend]:
+                del self.sessions[key]
+
+    def close(self) -> None:
+        async def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self.sock.close()
+
+    # ---------------------------------------------------------------- routing
+
+    def _route(self, session: bytes | None, kind: str) -> Backend | None:
+        """The app for one request; counts it in flight there (under the lock, so a drain that
+        starts right after the switch still sees it)."""
+        with self._lock:
+            cur = self.current
+            chosen = cur
+            known = self.sessions.get(session) if session else None
+            alive = known is not None and known.proc.poll() is None
+            if kind == "join":
+                # A join rides an already open result stream (the client opens one per session).
+                if alive and known.streams.get(session):
+                    chosen = known
+                if chosen is not None and session:
+                    self.sessions[session] = chosen
+                    if len(chosen.pending) > 1000:  # joins whose stream never came
+                        now = time.monotonic()
+                        chosen.pending = {k: t for k, t in chosen.pending.items() if t > now}
+                    chosen.pending[session] = time.monotonic() + PENDING_JOIN_S
+            elif alive and kind != "heartbeat":
+                chosen = known  # the result stream, cancel... of that session
+            if chosen is None:
+                return None
+            # A page's heartbeat stream stays open as long as the page: it follows the current
+            # app and does not hold a retired one up.
+            chosen.inflight += kind != "heartbeat"
+            if kind == "data" and session:
+                chosen.pending.pop(session, None)
+                chosen.streams[session] = chosen.streams.get(session, 0) + 1
+            self.requests += 1
+            return chosen
+
+    def _done(self, backend: Backend, session: bytes | None, kind: str) -> None:
+        with self._lock:
+            backend.inflight -= kind != "heartbeat"
+            if kind == "data" and session:
+                left = backend.streams.get(session, 1) - 1
+                if left > 0:
+                    backend.streams[session] = left
+                else:
+                    backend.streams.pop(session, None)
+
+    # ---------------------------------------------------------------- connections
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._forward(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        except Exception:  # one broken connection must never take the front down
+            log.exception("front: request failed")
+        finally:
+            writer.close()
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head[:-4].split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3:
+            writer.write(_plain(400, "bad request line"))
+            return
+        method, target = parts[0], parts[1]
+        headers = [ln.split(b":", 1) for ln in lines[1:] if b":" in ln]
+        names = {n.strip().lower(): v.strip() for n, v in headers}
+        path, _, query = target.partition(b"?")
+        upgrade = b"upgrade" in names
+        body = b""
+        session: bytes | None = None
+        kind = "other"
+        if path.endswith(b"/queue/join") and method == b"POST":
+            kind = "join"
+            length = names.get(b"content-length", b"")
+            if length.isdigit() and int(length) <= MAX_JOIN_BODY:
+                body = await reader.readexactly(int(length))
+                m = _SESSION_IN_BODY.search(body)
+                session = m.group(1) if m else None
+        else:
+            m = _SESSION_IN_QUERY.search(query)
+            session = m.group(1) if m else None
+            if path.endswith(b"/queue/data"):
+                kind = "data"
+            elif b"/heartbeat/" in path:
+                kind = "heartbeat"
+        backend = self._route(session, kind)
+        if backend is None:
+            writer.write(_plain(503, "the Space is starting; try again in a few seconds"))
+            await writer.drain()
+            return
+        try:
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", backend.port)
+            except OSError:
+                writer.write(_plain(502, f"the Space app on port {backend.port} is not answering"))
+                await writer.drain()
+                return
+            # One request per upstream connection: the next request on the client's connection
+            # is routed afresh (a keep-alive client must not stay pinned to a retired app).
+            kept = [(n, v) for n, v in headers if upgrade or n.strip().lower() not in _HOP_HEADERS]
+            out = [lines[0]] + [n + b":" + v for n, v in kept]
+            if not upgrade:
+                out.append(b"Connection: close")
+            up_writer.write(b"\r\n".join(out) + b"\r\n\r\n" + body)
+            try:
+                await _pipe_both(reader, writer, up_reader, up_writer)
+            finally:
+                up_writer.close()
+        finally:
+            self._done(backend, session, kind)
+
+
+async def _pipe_both(
+    c_reader: asyncio.StreamReader,
+    c_writer: asyncio.StreamWriter,
+    u_reader: asyncio.StreamReader,
+    u_writer: asyncio.StreamWriter,
+) -> None:
+    """Bytes both ways until the app closes (its answer is complete) or the client goes away."""
+
+    async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while data := await src.read(65536):
+            dst.write(data)
+            await dst.drain()
+
+    async def answer() -> None:
+        # The client may not reuse its connection: its next request must be routed afresh.
+        head = await u_reader.readuntil(b"\r\n\r\n")
+        lines = head[:-4].split(b"\r\n")
+        status = lines[0].split(b" ")[1:2]
+        if not (status and status[0].startswith(b"1")):  # 101 upgrades stay a tunnel
+            kept = [
+                ln for ln in lines[1:] if ln.split(b":", 1)[0].strip().lower() not in _HOP_HEADERS
+            ]
+            head = b"\r\n".join([lines[0], *kept, b"Connection: close"]) + b"\r\n\r\n"
+        c_writer.write(head)
+        await copy(u_reader, c_writer)
+
+    down = asyncio.ensure_future(answer())
+    up = asyncio.ensure_future(copy(c_reader, u_writer))
+    try:
+        # The answer ends when the app closes; a client that goes away (EOF) is passed on as a disconnect: Gradio cancels its events.
+        await asyncio.wait({down, up}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (down, up):
+            task.cancel()
+        await asyncio.gather(down, up, return_exceptions=True)
+
+
+def _plain(status: int, text: str) -> bytes:
+    reason = {400: "Bad Request", 502: "Bad Gateway", 503: "Service Unavailable"}[status]
+    body = text.encode() + b"\n"
+    return (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nRetry-After: 2\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+
+
 class SpaceRunner:
-    """Runs one checkout of the Space at a time on a fixed port and follows the repo's HEAD."""
+    """Serves the Space repo's HEAD on a fixed port and follows it, one commit at a time."""
 
     def __init__(
         self,
@@ -39,27 +304,39 @@ class SpaceRunner:
         start_timeout_s: float = 300.0,
         feedback_dir: str | None = None,
         python: str = sys.executable,
+        front: bool = True,
+        drain_s: float = 30.0,
     ):
         if isinstance(publisher_for(target), HfPublisher):
             raise ServeError(
                 f"{target} is served by Hugging Face itself; serve a git repo or local path"
             )
         self.target = target
-        self.port = port
         self.host = host
         self.poll_s = poll_s
         self.start_timeout_s = start_timeout_s
         self.feedback_dir = feedback_dir
         self.python = python
+        self.drain_s = drain_s
+        self.port = port
+        self._want_front = front
+        self.front: Front | None = None  # bound when serving starts (run or deploy)
         self._own_work = work_dir is None
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="freshnet-serve-"))
         self.commit: str | None = None
-        self.proc: subprocess.Popen | None = None
+        self.backend: Backend | None = None
+        self.deploys: list[dict] = []  # timings of each deploy (also logged)
+        self._starting: Backend | None = None
         self._stop = threading.Event()
+        self._closed = False
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/"
+
+    @property
+    def proc(self) -> subprocess.Popen | None:
+        return self.backend.proc if self.backend else None
 
     def checkout(self, commit: str) -> Path:
         """The Space's files at ``commit`` in their own folder (kept, so a restart is instant)."""
@@ -75,11 +352,11 @@ class SpaceRunner:
         tmp.rename(dest)
         return dest
 
-    def _start(self, folder: Path) -> subprocess.Popen:
+    def _spawn(self, folder: Path, commit: str, port: int) -> Backend:
         env = {
             **os.environ,
-            "GRADIO_SERVER_PORT": str(self.port),
-            "GRADIO_SERVER_NAME": self.host,
+            "GRADIO_SERVER_PORT": str(port),
+            "GRADIO_SERVER_NAME": "127.0.0.1" if self._want_front else self.host,
             "GRADIO_ANALYTICS_ENABLED": "False",
             "PYTHONDONTWRITEBYTECODE": "1",
         }
@@ -88,43 +365,115 @@ class SpaceRunner:
             # s3://bucket/prefix is passed as-is; a folder as an absolute path (the app's cwd differs).
             env["FRESHNET_FEEDBACK"] = fd if fd.startswith("s3://") else str(Path(fd).resolve())
         log_file = open(folder.parent / f"{folder.name}.log", "ab")  # noqa: SIM115 (child owns it)
+        # Its own process group: stopping the app also stops whatever it started (compile
+        # workers), and a Ctrl-C in the terminal reaches the runner only, which stops it in order.
         proc = subprocess.Popen(
-            [self.python, "app.py"], cwd=folder, env=env, stdout=log_file, stderr=subprocess.STDOUT
+            [self.python, "app.py"],
+            cwd=folder,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log_file.close()
+        return Backend(commit=commit, folder=folder, port=port, proc=proc)
+
+    def _wait_ready(self, b: Backend) -> str:
+        """Wait until the app answers a real prediction (an example image through /predict);
+        returns how readiness was checked. Raises ServeError (the app is stopped) on failure."""
+        url = f"http://127.0.0.1:{b.port}/"
         deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                tail = (folder.parent / f"{folder.name}.log").read_text(errors="replace")[-1500:]
+        examples = sorted(
+            p for p in (b.folder / "examples").glob("*") if p.suffix.lower() in (".jpg", ".png")
+        )
+        last = ""
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if b.proc.poll() is not None:
+                tail = (b.folder.parent / f"{b.folder.name}.log").read_text(errors="replace")
                 raise ServeError(
-                    f"the Space at {folder.name} exited with {proc.returncode}:\n{tail}"
+                    f"the Space at {b.folder.name} exited with {b.proc.returncode}:\n{tail[-1500:]}"
                 )
-            if _answers(self.url):
-                return proc
+            if _answers(url):
+                if not examples:
+                    return "http"  # not a freshnet app: an answering page is all we can check
+                try:
+                    _predict(url, examples[0])
+                    return "predict"
+                except Exception as exc:  # still warming up, or a broken build: retry until due
+                    last = f" (last prediction: {type(exc).__name__}: {exc})"
             time.sleep(0.3)
-        _terminate(proc)
+        _stop_proc(b.proc)
+        if self._stop.is_set():
+            raise ServeError(f"stopped while {b.folder.name} was starting")
         raise ServeError(
-            f"the Space at {folder.name} did not answer on {self.url} in {self.start_timeout_s:.0f} s"
+            f"the Space at {b.folder.name} did not answer on {url} "
+            f"in {self.start_timeout_s:.0f} s{last}"
         )
 
+    def _ensure_front(self) -> None:
+        if self._want_front and self.front is None:
+            self.front = Front(self.host, self.port)
+            self.port = self.front.port
+
     def deploy(self, commit: str) -> None:
-        """Check out ``commit`` first (the old app keeps serving meanwhile), then swap processes."""
+        """Check out ``commit`` and start it next to the serving app; switch once it answers."""
+        self._ensure_front()
+        t0 = time.monotonic()
         folder = self.checkout(commit)
-        previous, old_proc = self.commit, self.proc
-        if old_proc is not None:
-            _terminate(old_proc)
-            self.proc = None
+        checkout_s = time.monotonic() - t0
+        old = self.backend
+        record: dict = {"commit": commit[:12], "checkout_s": round(checkout_s, 2)}
+        if self.front is None and old is not None:
+            # The app binds the user port itself: the old one must go first (a gap).
+            _stop_proc(old.proc)
+            self.backend = None
+        gap_from = time.monotonic()
+        port = _free_port() if self.front else self.port
+        t1 = time.monotonic()
+        self._starting = b = self._spawn(folder, commit, port)
         try:
-            self.proc = self._start(folder)
-            self.commit = commit
-            log.info("serving Space commit %s at %s", commit[:12], self.url)
+            check = self._wait_ready(b)
         except ServeError:
-            log.exception("commit %s failed to start", commit[:12])
             self.commit = commit  # do not retry the same broken commit every poll
-            if previous is not None:
-                log.info("restarting the previous commit %s", previous[:12])
-                self.proc = self._start(self.checkout(previous))
+            record["failed"] = True
+            self.deploys.append(record)
+            if self.front is None and old is not None and not self._stop.is_set():
+                log.info("restarting the previous commit %s", old.commit[:12])
+                self.backend = self._spawn(old.folder, old.commit, self.port)
+                self._wait_ready(self.backend)
             raise
+        finally:
+            self._starting = None
+        record.update(start_s=round(time.monotonic() - t1, 2), ready_check=check)
+        self.backend, self.commit = b, commit
+        if self.front is not None:
+            self.front.switch(b)
+            record["gap_s"] = 0.0
+            if old is not None:
+                record.update(previous=old.commit[:12], **self._drain(old))
+        else:
+            record["gap_s"] = round(time.monotonic() - gap_from, 2) if old is not None else None
+        record["total_s"] = round(time.monotonic() - t0, 2)
+        self.deploys.append(record)
+        log.info(
+            "serving Space commit %s at %s: %s",
+            commit[:12],
+            self.url,
+            ", ".join(f"{k}={v}" for k, v in record.items() if k != "commit"),
+        )
+
+    def _drain(self, old: Backend) -> dict:
+        """Stop ``old`` once the requests and Gradio sessions it holds are done (at most drain_s)."""
+        t = time.monotonic()
+        deadline = t + self.drain_s
+        while not old.drained() and time.monotonic() < deadline and not self._stop.is_set():
+            time.sleep(0.05)
+        cut = old.inflight
+        _stop_proc(old.proc)
+        self.front.forget(old)  # type: ignore[union-attr]
+        if cut:
+            log.warning("stopped %s with %d request(s) still open", old.commit[:12], cut)
+        return {"drain_s": round(time.monotonic() - t, 2), "cut_requests": cut}
 
     def poll_once(self) -> bool:
         """Deploy the repo's HEAD if it changed; True when a deploy happened."""
@@ -138,30 +487,57 @@ class SpaceRunner:
         try:
             self.deploy(head)
         except (ServeError, PublishError) as exc:
+            if self._stop.is_set():
+                return False
             log.warning("could not deploy %s: %s", head[:12], exc)
             return False
         return True
 
     def run(self) -> None:
-        """Serve until stop() (or Ctrl-C), polling for new commits every poll_s seconds."""
+        """Serve until stop(), polling for new commits every poll_s seconds; always cleans up."""
         try:
+            self._ensure_front()  # a port in use fails here, at once
             while not self._stop.is_set():
                 self.poll_once()
-                if self.commit is None:
+                if self.commit is None and not self._stop.is_set():
                     log.info("waiting for a first commit in %s", self.target)
                 self._stop.wait(self.poll_s)
         finally:
             self.close()
 
     def stop(self) -> None:
+        """Ask run() to return (safe from a signal handler or another thread)."""
         self._stop.set()
 
     def close(self) -> None:
-        if self.proc is not None:
-            _terminate(self.proc)
-            self.proc = None
+        """Stop every app this runner started, the front, and remove its own work folder."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        for b in (self._starting, self.backend):
+            if b is not None:
+                _stop_proc(b.proc)
+        self.backend = None
+        if self.front is not None:
+            self.front.close()
         if self._own_work:
             shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def _predict(url: str, image: Path) -> None:
+    from gradio_client import Client, handle_file
+
+    # A timeout: a hung app must not hang the runner (Gradio's stream heartbeat is 15 s).
+    Client(url, verbose=False, httpx_kwargs={"timeout": 30}).predict(
+        handle_file(str(image)), api_name="/predict"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _answers(url: str) -> bool:
@@ -172,14 +548,47 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _terminate(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
+def _stop_proc(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
+    """SIGTERM the app's whole process group (it leads its own, see _spawn); SIGKILL whatever
+    is left after ``timeout_s``, children included."""
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + 2  # the app's own children exit right after it, or are killed
+    while _group_alive(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if proc.poll() is None or _group_alive(proc.pid):
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` still runs (zombies do not count: where nothing
+    reaps orphans, as in many containers, they stay in the group until the container ends)."""
+    proc_fs = Path("/proc")
+    if not (proc_fs / "self" / "stat").exists():
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for stat in proc_fs.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        if fields[2] == str(pgid) and fields[0] != "Z":
+            return True
+    return False
 
 
 def serve(
@@ -189,16 +598,38 @@ def serve(
     poll_s: float = 2.0,
     work_dir: Path | None = None,
     feedback_dir: str | None = ".freshnet/feedback",
+    front: bool = True,
 ) -> None:
     """`freshnet serve`: run the Space from its repo and redeploy on every new commit (blocks).
 
-    Corrections from the app's "wrong label?" box land in ``feedback_dir`` (pass
+    SIGTERM, SIGINT and SIGHUP all stop the app (its whole process group) and remove the work
+    folder. Corrections from the app's "wrong label?" box land in ``feedback_dir`` (pass
     cfg.space.feedback_dir), outside the checkouts, so they survive redeploys.
     """
     runner = SpaceRunner(
-        target, port=port, host=host, poll_s=poll_s, work_dir=work_dir, feedback_dir=feedback_dir
+        target,
+        port=port,
+        host=host,
+        poll_s=poll_s,
+        work_dir=work_dir,
+        feedback_dir=feedback_dir,
+        front=front,
     )
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("%s: stopping the Space app", signal.Signals(signum).name)
+        runner.stop()
+
+    # A handler for all three (not KeyboardInterrupt): cleanup runs however the runner is
+    # stopped, and a second signal during cleanup cannot interrupt it halfway.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # Python allows no other
+        previous = {
+            s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        }
     try:
         runner.run()
-    except KeyboardInterrupt:
+    finally:
         runner.close()
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -8,7 +8,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +37,11 @@ class SearchReport:
     candidates: list[Candidate]
     failures: list[dict] = field(default_factory=list)  # {"label", "query", "reason"}
     failed_classes: list[str] = field(default_factory=list)
+    # The search breaker's pauses, resumes and give-up (SearchBreaker), in order.
+    events: list[dict] = field(default_factory=list)
+    gave_up: str | None = None  # why the night's search stopped early, when it did
+    # Per query with results tonight: {"results": n} (the next nights' history).
+    history: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -44,6 +49,9 @@ class SearchReport:
             "failures": list(self.failures),
             "failed_classes": list(self.failed_classes),
             "per_class": self.per_class(),
+            "events": list(self.events),
+            "gave_up": self.gave_up,
+            "history": dict(self.history),
         }
 
     @classmethod
@@ -52,6 +60,9 @@ class SearchReport:
             candidates=[Candidate(**c) for c in d.get("candidates", [])],
             failures=list(d.get("failures", [])),
             failed_classes=list(d.get("failed_classes", [])),
+            events=list(d.get("events", [])),
+            gave_up=d.get("gave_up"),
+            history=dict(d.get("history", {})),
         )
 
     def per_class(self) -> dict[str, int]:
@@ -62,9 +73,16 @@ class SearchReport:
 
 
 def search(
-    cfg: Config, night: str, *, ddgs_factory: Callable[[], Any] | None = None
+    cfg: Config,
+    night: str,
+    *,
+    ddgs_factory: Callable[[], Any] | None = None,
+    history: Mapping[str, dict] | None = None,
 ) -> SearchReport:
     """Candidates for every class of ``cfg`` on ``night``, from the web-like cfg.source.kind.
+
+    ``history`` is what earlier nights found per query (load_search_history): an empty first
+    page of a query that had results is taken for a block, not for an empty result.
 
     The nightly calls freshnet.feedback.search_all, which adds the app's corrections (and
     handles source.kind = "feedback"): feedback builds on this module, not the other way round.
@@ -77,7 +95,7 @@ def search(
     elif kind == "folder":
         report = search_folder(cfg)
     elif kind == "duckduckgo":
-        report = DuckDuckGoSource(cfg, ddgs_factory=ddgs_factory).search()
+        report = DuckDuckGoSource(cfg, ddgs_factory=ddgs_factory, history=history).search()
     else:
         raise SourceError(
             f"source.kind {kind!r} is not a search source "
@@ -220,26 +238,162 @@ def search_folder(cfg: Config) -> SearchReport:
 
 # ---------------------------------------------------------------- duckduckgo
 
+HISTORY_KEY = "search/history.json"
+DDG_PAGE_SIZE = 100  # DuckDuckGo's i.js answers ~100 images per page
+
 
 class ImageSearchClient(Protocol):
     def images(self, query: str, **kwargs: Any) -> list[dict[str, Any]]: ...
 
 
-def _default_ddgs_factory(timeout: int) -> Callable[[], ImageSearchClient]:
+def _default_ddgs_factory(timeout: int, proxy: str | None) -> Callable[[], ImageSearchClient]:
     def make() -> ImageSearchClient:
         from ddgs import DDGS
 
-        return DDGS(timeout=timeout)
+        # proxy None: ddgs falls back to the DDGS_PROXY environment variable itself.
+        return DDGS(proxy=proxy, timeout=timeout)
 
     return make
 
 
+def load_search_history(store: Any) -> dict[str, dict]:
+    """What earlier nights found per query ({} before the first DuckDuckGo night)."""
+    if not store.exists(HISTORY_KEY):
+        return {}
+    data = json.loads(store.get(HISTORY_KEY))
+    return data if isinstance(data, dict) else {}
+
+
+def save_search_history(store: Any, report: SearchReport, night: str) -> None:
+    """Remember tonight's queries that had results; a query without keeps its earlier entry."""
+    if not report.history:
+        return
+    merged = load_search_history(store)
+    for query, seen in report.history.items():
+        merged[query] = {**seen, "night": night}
+    store.put(HISTORY_KEY, json.dumps(merged, indent=1, sort_keys=True).encode())
+
+
+def is_ratelimit(exc: BaseException) -> bool:
+    """A ddgs error that says the service refused us (not merely that it found nothing).
+
+    ddgs 9 folds a 403/429 on the results into "No results found."; what it still tells apart is
+    RatelimitException and the token page answered without a token (DuckDuckGo's 202 anomaly page).
+    """
+    from ddgs.exceptions import RatelimitException
+
+    if isinstance(exc, RatelimitException):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("ratelimit", "rate limit", "vqd", " 202", " 403", " 429"))
+
+
+class SearchBreaker:
+    """The night's circuit breaker and budget, shared by every query of the night.
+
+    A suspected block pauses all searching for source.cooldown_s, then the caller resumes the
+    same query and page. Calls are paced: at least pause_s apart, and spread so the night's
+    expected calls fill source.search_spread_s. When a pause would end after
+    source.search_budget_s, or source.search_budget_calls are spent, it gives up for the night.
+    Every pause, resume and give-up is logged and kept in ``events`` for the night's summary.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        src = cfg.source
+        self.src = src
+        self.sleep = sleep
+        self.clock = clock
+        pages = min(src.max_pages, max(1, -(-src.max_results // DDG_PAGE_SIZE)))
+        self.expected_calls = max(1, len(cfg.classes) * len(cfg.queries) * pages)
+        self.pace_s = max(src.pause_s, src.search_spread_s / self.expected_calls)
+        self.started: float | None = None
+        self.last_call: float | None = None
+        self.calls = 0
+        self.paused_s = 0.0
+        self.events: list[dict] = []
+        self.gave_up: str | None = None
+
+    def elapsed(self) -> float:
+        return 0.0 if self.started is None else self.clock() - self.started
+
+    def _event(self, kind: str, query: str, page: int, **extra: Any) -> None:
+        self.events.append(
+            {"event": kind, "at_s": round(self.elapsed(), 1), "query": query, "page": page, **extra}
+        )
+
+    def give_up(self, query: str, page: int, reason: str) -> None:
+        self.gave_up = reason
+        self._event("give_up", query, page, reason=reason)
+        log.warning("search gave up at %r page %d: %s", query, page, reason)
+
+    def before_call(self, query: str, page: int, *, retry: bool) -> bool:
+        """Wait for the call's turn; False (after recording a give-up) when the budget is spent."""
+        if self.gave_up:
+            return False
+        if self.started is None:
+            self.started = self.clock()
+        if self.calls >= self.src.search_budget_calls:
+            self.give_up(
+                query, page, f"search budget of {self.src.search_budget_calls} calls spent"
+            )
+            return False
+        # A retry is spaced by its backoff; the spread pace is between distinct calls.
+        gap = self.src.pause_s if retry else self.pace_s
+        wait = 0.0 if self.last_call is None else gap - (self.clock() - self.last_call)
+        if self.elapsed() + max(0.0, wait) > self.src.search_budget_s:
+            self.give_up(query, page, f"search budget of {self.src.search_budget_s:g} s spent")
+            return False
+        if wait > 0:
+            self.sleep(wait)
+        self.last_call = self.clock()
+        self.calls += 1
+        return True
+
+    def trip(self, query: str, page: int, reason: str) -> bool:
+        """Pause all searching for the cool-down; False (after a give-up) when it outlasts the budget."""
+        cooldown = self.src.cooldown_s
+        left = self.src.search_budget_s - self.elapsed()
+        if cooldown >= left:
+            self.give_up(
+                query,
+                page,
+                f"suspected DuckDuckGo block ({reason}) and a {cooldown:g} s cool-down would "
+                f"outlast the search budget ({max(0.0, left):.0f} of "
+                f"{self.src.search_budget_s:g} s left)",
+            )
+            return False
+        self._event("pause", query, page, reason=reason, seconds=cooldown)
+        log.warning(
+            "suspected DuckDuckGo block at %r page %d (%s): pausing all searches for %g s",
+            query,
+            page,
+            reason,
+            cooldown,
+        )
+        t0 = self.clock()
+        self.sleep(cooldown)
+        paused = self.clock() - t0
+        self.paused_s += paused
+        self._event("resume", query, page, paused_s=round(paused, 1))
+        log.info("search resumes at %r page %d after %.0f s", query, page, paused)
+        self.last_call = None  # the cool-down was the gap
+        return True
+
+
 class DuckDuckGoSource:
-    """Image search through ddgs: paced calls, backoff with jitter, bounded retries, paging.
+    """Image search through ddgs: paced calls, backoff with jitter, bounded retries, paging, and a
+    night-wide breaker (SearchBreaker) for blocks that last minutes.
 
     ddgs reports a 403/429 rate limit as a plain ``DDGSException("No results found.")``, the same as
-    a truly empty result, so that is retried with backoff too; a query still failing is recorded
-    and the run goes on.
+    a truly empty result, so that is retried with backoff too. A call that fails twice in a row with
+    a rate-limit error, or with an empty first page of a query that had results on an earlier night
+    (``history``), trips the breaker: every search pauses for the cool-down and this call is tried
+    again. Any other query still failing is recorded and the run goes on.
     """
 
     def __init__(
@@ -249,22 +403,26 @@ class DuckDuckGoSource:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        history: Mapping[str, dict] | None = None,
     ):
         self.cfg = cfg
         self.src = cfg.source
-        self.factory = ddgs_factory or _default_ddgs_factory(int(max(1, self.src.ddgs_timeout_s)))
+        self.factory = ddgs_factory or _default_ddgs_factory(
+            int(max(1, self.src.ddgs_timeout_s)), self.src.proxy
+        )
         self.sleep = sleep
         self.clock = clock
         self.rng = rng or random.Random()
+        self.history = dict(history or {})
+        self.breaker = SearchBreaker(cfg, sleep=sleep, clock=clock)
         self._client: ImageSearchClient | None = None
-        self._last_call: float | None = None
-        self.calls = 0
+        # Queries already paused for once because their first page came back empty: emptiness
+        # alone is not proof, so after one cool-down an empty answer is taken as it is.
+        self._empty_paused: set[str] = set()
 
-    def _pace(self) -> None:
-        if self._last_call is not None:
-            wait = self.src.pause_s - (self.clock() - self._last_call)
-            if wait > 0:
-                self.sleep(wait)
+    @property
+    def calls(self) -> int:
+        return self.breaker.calls
 
     def _kwargs(self, page: int) -> dict[str, Any]:
         kw: dict[str, Any] = {
@@ -280,35 +438,61 @@ class DuckDuckGoSource:
                 kw[name] = value
         return kw
 
-    def _call(self, query: str, page: int) -> list[dict[str, Any]]:
-        """One page with retries; raises the last ddgs error when retries are exhausted."""
+    def _suspect_empty(self, query: str) -> bool:
+        """Whether an empty first page of ``query`` looks like a block (it had results before)."""
+        if query in self._empty_paused:
+            return False
+        return int((self.history.get(query) or {}).get("results", 0)) > 0
+
+    def _call(self, query: str, page: int) -> list[dict[str, Any]] | None:
+        """One page with retries and the breaker; None when the night's search gave up.
+
+        Raises the last ddgs error when retries are exhausted without a suspected block.
+        """
         from ddgs.exceptions import DDGSException
 
         attempt = 0
+        failed_before = False  # this call failed already (before a pause, too)
         while True:
-            self._pace()
+            if not self.breaker.before_call(query, page, retry=attempt > 0):
+                return None
             if self._client is None:
                 self._client = self.factory()
-            self._last_call = self.clock()
-            self.calls += 1
             try:
-                return list(self._client.images(query, **self._kwargs(page)) or [])
-            except DDGSException as exc:
-                if attempt >= self.src.max_retries:
-                    raise
-                # Rate limits, timeouts and "No results found." (maybe a hidden 403/429) all back off.
-                delay = min(self.src.backoff_max_s, self.src.backoff_s * 2**attempt)
-                delay *= 1 + self.rng.uniform(0, 0.5)
-                log.info(
-                    "ddgs %s for %r page %d; retry %d in %.1fs",
-                    type(exc).__name__,
-                    query,
-                    page,
-                    attempt + 1,
-                    delay,
-                )
-                self.sleep(delay)
-                attempt += 1
+                results = list(self._client.images(query, **self._kwargs(page)) or [])
+                if results or page > 1 or not self._suspect_empty(query):
+                    return results
+                # An empty first page where earlier nights had results: a block in disguise.
+                exc: DDGSException = DDGSException("No results found.")
+            except DDGSException as e:
+                exc = e
+            by_error = is_ratelimit(exc)
+            by_empty = not by_error and page == 1 and self._suspect_empty(query)
+            if (by_error or by_empty) and failed_before:
+                reason = f"{type(exc).__name__}: {exc}"
+                if by_empty:
+                    self._empty_paused.add(query)
+                    reason += " on the first page of a query that had results on an earlier night"
+                if not self.breaker.trip(query, page, reason):
+                    return None
+                attempt = 0  # a fresh start after the cool-down
+                continue
+            failed_before = True
+            if attempt >= self.src.max_retries:
+                raise exc
+            # Rate limits, timeouts and "No results found." (maybe a hidden 403/429) all back off.
+            delay = min(self.src.backoff_max_s, self.src.backoff_s * 2**attempt)
+            delay *= 1 + self.rng.uniform(0, 0.5)
+            log.info(
+                "ddgs %s for %r page %d; retry %d in %.1fs",
+                type(exc).__name__,
+                query,
+                page,
+                attempt + 1,
+                delay,
+            )
+            self.sleep(delay)
+            attempt += 1
 
     def search_query(self, label: str, query: str) -> tuple[list[Candidate], str | None]:
         """Candidates for one query, and the failure reason when it produced none."""
@@ -327,6 +511,10 @@ class DuckDuckGoSource:
             except Exception as exc:  # noqa: BLE001 - a broken client must not end the night
                 reason = f"{type(exc).__name__}: {exc}"
                 self._client = None
+                break
+            if results is None:  # gave up: keep what this query already has
+                if not urls:
+                    reason = f"search gave up: {self.breaker.gave_up}"
                 break
             new = 0
             for r in results:
@@ -349,12 +537,33 @@ class DuckDuckGoSource:
     def search(self) -> SearchReport:
         candidates: list[Candidate] = []
         failures: list[dict] = []
+        history: dict[str, dict] = {}
         for label in self.cfg.classes:
             for template in self.cfg.queries:
                 query = template.format(label=label)
+                if self.breaker.gave_up:
+                    reason = f"not searched: search gave up ({self.breaker.gave_up})"
+                    failures.append({"label": label, "query": query, "reason": reason})
+                    continue
                 found, reason = self.search_query(label, query)
                 if reason:
                     log.warning("query %r failed: %s", query, reason)
                     failures.append({"label": label, "query": query, "reason": reason})
+                if found:
+                    history[query] = {"results": len(found)}
                 candidates.extend(found)
-        return _finish(self.cfg, candidates, failures)
+        b = self.breaker
+        if b.events or b.gave_up:
+            log.info(
+                "search: %d calls in %.0f s, %d pause(s) (%.0f s paused)%s",
+                b.calls,
+                b.elapsed(),
+                sum(1 for e in b.events if e["event"] == "pause"),
+                b.paused_s,
+                f"; gave up: {b.gave_up}" if b.gave_up else "",
+            )
+        report = _finish(self.cfg, candidates, failures)
+        report.events = list(b.events)
+        report.gave_up = b.gave_up
+        report.history = history
+        return report

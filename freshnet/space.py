@@ -142,6 +142,9 @@ def build_bundle(
         **meta,
         "model_sha256": sha256_file(out_dir / "model.pkl"),
     }
+    if space.feedback_repo:  # the app's settings travel in metadata.json (its token does not)
+        full["feedback_repo"] = space.feedback_repo.removeprefix("hf://datasets/")
+        full["feedback_every_min"] = space.feedback_every_min
     (out_dir / "examples").mkdir()
     names: list[str] = []
     for src in examples:

@@ -40,13 +40,19 @@ def start(
             "holdout": snap["counts"].get(label, {}).get("holdout", 0),
         }
     failed = len(searched.get("failures", []))
+    problems = yield_problems(cfg, ingested["counts"], failed)
+    if searched.get("search_gave_up"):
+        # A night whose search gave up (a block outlasting its budget) is never a quiet success,
+        # however many of its queries had answered before.
+        problems.append(f"search gave up: {searched['search_gave_up']}")
     return {
         "config": cfg.name,
         "night": night,
         "per_class": per_class,
         "failed_queries": failed,
         "failed_classes": searched.get("failed_classes", []),
-        "yield_problems": yield_problems(cfg, ingested["counts"], failed),
+        "yield_problems": problems,
+        "search_events": searched.get("search_events", []),
         "snapshot": snap["id"],
         "outcome": "running",
         "reasons": [],
@@ -83,6 +89,26 @@ def yield_problems(
     return problems
 
 
+def search_event_lines(events: list[dict]) -> list[str]:
+    """The search breaker's pauses, resumes and give-up, one line each (none on a quiet night)."""
+    lines = []
+    pauses = [e for e in events if e.get("event") == "pause"]
+    if pauses:
+        paused = sum(e.get("paused_s", 0) for e in events if e.get("event") == "resume")
+        lines.append(
+            f"search     paused {len(pauses)}x for suspected blocks ({paused:.0f} s in all)"
+        )
+    for e in events:
+        where = f"{e.get('query')!r} page {e.get('page')} at {e.get('at_s', 0):.0f} s"
+        if e.get("event") == "pause":
+            lines.append(f"  • pause {e.get('seconds', 0):g} s at {where}: {e.get('reason')}")
+        elif e.get("event") == "resume":
+            lines.append(f"  • resume at {where} after {e.get('paused_s', 0):.0f} s")
+        elif e.get("event") == "give_up":
+            lines.append(f"search     GAVE UP at {where}: {e.get('reason')}")
+    return lines
+
+
 def stop(report: dict, reason: str) -> dict:
     return {**report, "outcome": "stopped", "reasons": [reason]}
 
@@ -107,7 +133,15 @@ def finish(
             "train_seconds": trained.get("metrics", {}).get("seconds"),
         },
         "champion": (
-            {"version": champion["version"], "accuracy": defending["accuracy"]}
+            {
+                "version": champion["version"],
+                "accuracy": defending["accuracy"],
+                # The champion's holdout rows scored on an earlier night (freshnet.predictions).
+                "cached_predictions": defending.get("cached_predictions", 0),
+                "new_predictions": defending.get(
+                    "new_predictions", len(defending.get("shas") or [])
+                ),
+            }
             if champion and defending
             else None
         ),
@@ -152,10 +186,17 @@ def format_summary(s: dict) -> str:
         )
     for problem in s.get("yield_problems") or []:
         lines.append(f"YIELD COLLAPSED: {problem}")
+    lines += search_event_lines(s.get("search_events") or [])
     lines.append("")
     if s.get("champion"):
         lines.append(
             f"champion   {s['champion']['version']}: holdout accuracy {s['champion']['accuracy']:.3f}"
+            + (
+                f" ({s['champion']['cached_predictions']} predictions from the cache, "
+                f"{s['champion'].get('new_predictions', 0)} new)"
+                if s["champion"].get("cached_predictions")
+                else ""
+            )
         )
     else:
         lines.append("champion   none yet (first run)")

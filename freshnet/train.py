@@ -216,6 +216,99 @@ def build_dls(df: pd.DataFrame, cfg: TrainConfig, device: torch.device, vocab: l
     )
 
 
+def pixel_cache_size(cfg: TrainConfig) -> int:
+    """The side the pixel cache stores images at: larger than the training size only when random
+    resized crops cut into it."""
+    from freshnet.pixels import stored_size
+
+    if cfg.augment and cfg.min_scale < 1:
+        return stored_size(cfg.image_size, cfg.cache_margin)
+    return cfg.image_size
+
+
+def _cached_loader_cls():
+    """A fastai DataLoader that gathers whole batches of rows from the pixel cache at once."""
+    import torch
+    from fastai.data.load import DataLoader
+    from fastai.torch_core import TensorCategory, TensorImage
+    from fastcore.basics import chunked
+
+    class CachedImageDL(DataLoader):
+        def create_batches(self, samps):
+            for idxs in chunked(samps, self.bs, self.drop_last):
+                x, y = self.dataset.gather(idxs)
+                # NHWC memory viewed as NCHW: the channels-last layout the model trains in.
+                yield (
+                    TensorImage(torch.from_numpy(x).permute(0, 3, 1, 2)),
+                    TensorCategory(torch.from_numpy(y)),
+                )
+
+    return CachedImageDL
+
+
+def build_cached_dls(
+    manifest: pd.DataFrame,
+    is_valid: list[bool],
+    image_dir: Path,
+    cache_root: Path,
+    cfg: TrainConfig,
+    device: torch.device,
+    vocab: list[str],
+):
+    """DataLoaders over the pixel cache (extended with tonight's new images first).
+
+    Decoding and resizing happened once, when a row was added; the loader only gathers uint8
+    rows, and every transform (random resized crop, flips, lighting, normalization) runs on the
+    batch, on the training device.
+    """
+    import numpy as np
+    from fastai.data.core import DataLoaders
+    from fastai.vision.all import IntToFloatTensor, Normalize, Pipeline, aug_transforms
+
+    from freshnet.pixels import CachedImages, PixelCache, PixelCacheError
+
+    missing = [c for c in ("sha256", LABEL_COL) if c not in manifest.columns]
+    if missing:
+        raise TrainError(f"manifest lacks column(s) {missing}; has {list(manifest.columns)}")
+    cache = PixelCache(cache_root, pixel_cache_size(cfg), cfg.resize_method)
+    try:
+        rows, _ = cache.update(manifest["sha256"].tolist(), lambda sha: image_path(image_dir, sha))
+    except PixelCacheError as exc:
+        raise TrainError(str(exc)) from None
+    pixels = cache.rows()
+    index = {v: i for i, v in enumerate(vocab)}
+    labels = np.array([index[v] for v in manifest[LABEL_COL].astype(str)], dtype=np.int64)
+    valid = np.asarray(is_valid, dtype=bool)
+    mean, std = ARCHS[cfg.arch]["stats"]
+    batch_tfms = [IntToFloatTensor()]
+    if cfg.augment:
+        batch_tfms += aug_transforms(size=cfg.image_size, min_scale=cfg.min_scale)
+    batch_tfms.append(Normalize.from_stats(list(mean), list(std)))
+    dl_cls = _cached_loader_cls()
+    n_train = int((~valid).sum())
+    bs = max(1, min(cfg.batch_size, n_train))
+    # Gathering rows is a memory copy: one worker process keeps ahead of a GPU, none on CPU.
+    workers = cfg.num_workers if cfg.num_workers is not None else (0 if device.type == "cpu" else 2)
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda", device=device)
+    train = dl_cls(
+        CachedImages(pixels, rows[~valid], labels[~valid], vocab),
+        bs=bs,
+        shuffle=True,
+        drop_last=n_train > bs,  # as fastai's own train loader: no tiny last batch
+        # split_idx as fastai's Datasets set it: 0 draws augmentations, 1 is validation.
+        after_batch=Pipeline(batch_tfms, split_idx=0),
+        **common,
+    )
+    valid_dl = dl_cls(
+        CachedImages(pixels, rows[valid], labels[valid], vocab),
+        bs=bs,
+        shuffle=False,
+        after_batch=Pipeline(batch_tfms, split_idx=1),
+        **common,
+    )
+    return DataLoaders(train, valid_dl, device=device)
+
+
 def lite0_body(pretrained: bool) -> nn.Sequential:
     """EfficientNet-Lite0 up to its head conv (shared with the embeddings: one backbone builder)."""
     from freshnet.embed import lite0_body as body
@@ -414,10 +507,13 @@ def train_model(
     out_path: Path,
     init_from: Path | None = None,
     progress: Callable[[float, int], None] | None = None,
+    cache_dir: Path | None = None,
 ) -> TrainResult:
     """Train on the manifest's train rows (a seeded slice becomes validation) and export to ``out_path``.
 
     ``progress(epochs, total)`` follows the training (total = freeze_epochs + epochs).
+    ``cache_dir`` holds the decoded-image cache (``train.loader = "cache"``); default: a
+    ``pixels`` folder beside ``image_dir``.
     """
     import torch
 
@@ -441,7 +537,13 @@ def train_model(
         manifest_train = manifest_train.sort_values("sha256").reset_index(drop=True)
         df = frame_for(manifest_train, image_dir)
         df[VALID_COL] = valid_mask(manifest_train, cfg.valid_fraction, cfg.seed)
-        dls = build_dls(df, cfg, device, vocab)
+        if cfg.loader == "cache":
+            root = Path(cache_dir) if cache_dir is not None else Path(image_dir).parent / "pixels"
+            dls = build_cached_dls(
+                manifest_train, df[VALID_COL].tolist(), image_dir, root, cfg, device, vocab
+            )
+        else:
+            dls = build_dls(df, cfg, device, vocab)
 
         init, note, state = cfg.init, "", None
         if init == "champion":
@@ -494,6 +596,11 @@ def train_model(
     learn.remove_cb(epoch_log)
     if frozen_bn is not None:
         learn.remove_cb(frozen_bn)
+    if cfg.loader == "cache":
+        # The cached loader is freshnet code reading a local cache: the exported model carries
+        # the file pipeline (decode, Resize, the same batch transforms), which is what the Space
+        # and evaluation feed it, and which needs only fastai.
+        learn.dls = build_dls(df, cfg, device, vocab)
     export_learner(learn, Path(out_path), cfg.arch)
     result = TrainResult(
         model_path=Path(out_path),
@@ -539,61 +646,6 @@ def export_learner(learn, out_path: Path, arch: str) -> None:
     os.replace(tmp, out_path)
 
 
-def find_label_noise(
-    model_path: Path,
-    manifest_train: pd.DataFrame,
-    image_dir: Path,
-    confidence: float,
-    top_loss_fraction: float = 0.0,
-) -> list[dict[str, Any]]:
-    """Training images the model puts in another class with probability >= ``confidence``.
-
-    With ``top_loss_fraction`` > 0 the highest-loss tail of the misclassified images is added too.
-    Returns ``{"sha256", "label", "predicted", "p", "reason"}`` sorted by p, most confident first.
-    """
-    import numpy as np
-
-    from freshnet.evaluate import predict_files
-
-    if len(manifest_train) == 0:
-        return []
-    shas = manifest_train["sha256"].tolist()
-    labels = manifest_train[LABEL_COL].astype(str).tolist()
-    predicted, probs, vocab = predict_files(
-        Path(model_path), [image_path(image_dir, s) for s in shas]
-    )
-    index = {v: i for i, v in enumerate(vocab)}
-    found: dict[str, dict[str, Any]] = {}
-    losses = []
-    for i, (sha, lab, pred) in enumerate(zip(shas, labels, predicted, strict=True)):
-        if lab not in index or pred == lab:
-            continue
-        p = float(probs[i].max())
-        loss = -math.log(max(float(probs[i][index[lab]]), 1e-12))
-        losses.append((loss, i))
-        if p >= confidence:
-            found[sha] = {
-                "sha256": sha,
-                "label": lab,
-                "predicted": pred,
-                "p": p,
-                "reason": "confident",
-            }
-    if top_loss_fraction > 0 and losses:
-        k = max(1, int(round(len(shas) * top_loss_fraction)))
-        for _, i in sorted(losses, reverse=True)[:k]:
-            if shas[i] not in found:
-                p = float(np.max(probs[i]))
-                found[shas[i]] = {
-                    "sha256": shas[i],
-                    "label": labels[i],
-                    "predicted": predicted[i],
-                    "p": p,
-                    "reason": "top_loss",
-                }
-    return sorted(found.values(), key=lambda d: -d["p"])
-
-
 def train_snapshot(
     store: Storage,
     snapshot_id: str,
@@ -602,10 +654,13 @@ def train_snapshot(
     work_dir: Path,
     init_model_key: str | None = None,
     progress: Callable[[float, int], None] | None = None,
+    find_noise: Callable[[Path, pd.DataFrame, Path], list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Train on a snapshot's train rows, upload ``models/<version>/``, return a small JSON-able dict.
 
     ``progress(epochs, total)`` follows the training, as in ``train_model``.
+    ``find_noise(model_path, train_rows, image_dir)`` lists training images the new model
+    disputes (the caller passes evaluate's check: the trainer does not import the evaluator).
     """
     from freshnet.dataset import load_manifest  # written in parallel; imported late on purpose
 
@@ -619,18 +674,16 @@ def train_snapshot(
         init_from = store.get_to_file(init_model_key, work_dir / "champion" / "model.pkl")
     out_path = work_dir / "models" / version / "model.pkl"
     result = train_model(
-        train_rows, image_dir, cfg.train, out_path, init_from=init_from, progress=progress
+        train_rows,
+        image_dir,
+        cfg.train,
+        out_path,
+        init_from=init_from,
+        progress=progress,
+        cache_dir=work_dir / "pixels",
     )
 
-    noisy: list[dict[str, Any]] = []
-    if cfg.train.in_sample_noise:
-        noisy = find_label_noise(
-            out_path,
-            train_rows,
-            image_dir,
-            cfg.train.noise_confidence,
-            cfg.train.noise_top_loss_fraction,
-        )
+    noisy = find_noise(out_path, train_rows, image_dir) if find_noise else []
     if noisy:
         log.warning("%d training image(s) look mislabeled (listed for quarantine)", len(noisy))
 

@@ -29,9 +29,25 @@ def _cached_io(stage: str) -> dict:
     }
 
 
+def feedback_token(cfg: Config) -> str | None:
+    """space.feedback_repo's token at run time: the Secret block when it exists, else None (the
+    core then reads FRESHNET_FEEDBACK_TOKEN). Never a parameter: it would be stored with the run."""
+    if not cfg.space.feedback_repo or not cfg.space.feedback_token_secret:
+        return None
+    from prefect.blocks.system import Secret
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return Secret.load(cfg.space.feedback_token_secret).get()
+    except ValueError as exc:
+        if not isinstance(exc.__cause__, ObjectNotFound):
+            raise
+        return None
+
+
 @task(**_cached_io("search"))
 def search_images(cfg: Config, night: str) -> dict:
-    result = cycle.search_step(cfg, night)
+    result = cycle.search_step(cfg, night, feedback_token=feedback_token(cfg))
     publish_search_failures(result)
     return result
 

@@ -14,7 +14,7 @@ import pytest
 
 from freshnet import space
 from freshnet.config import SpaceConfig
-from tests.space_helpers import ServedApp, bundle_meta, free_port, model_for_tests, split_flowers
+from tests.space_helpers import ServedApp, bundle_meta, model_for_tests, split_flowers
 
 APP = Path(__file__).resolve().parents[1] / "app"
 # The served app deletes uploads this old (checked every UPLOAD_TTL_S // 2 s): long enough for
@@ -296,64 +296,6 @@ def test_uploads_are_deleted_from_the_cache(client, served, example_photos, tmp_
     while any(p.exists() for p in uploads) and time.monotonic() < deadline:
         time.sleep(1)
     assert not any(p.exists() for p in uploads), "uploads outlived FRESHNET_UPLOAD_TTL_S"
-
-
-@pytest.mark.slow
-def test_runner_redeploys_a_new_commit_within_60s(space_model, example_photos, tmp_path):
-    """`freshnet serve`: publishing v2 to the Space repo makes the runner serve v2 by itself."""
-    from gradio_client import Client
-
-    from freshnet.serve import SpaceRunner
-
-    target = str(tmp_path / "space")
-    cfg = SpaceConfig(target=target)
-    b1 = space.build_bundle(
-        space_model, bundle_meta("v1"), example_photos[:1], tmp_path / "b1", cfg
-    )
-    c1 = space.publish(b1, target, "v1", None)
-    runner = SpaceRunner(target, port=free_port(), work_dir=tmp_path / "work", poll_s=1.0)
-    thread = threading.Thread(target=runner.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 240
-        while runner.commit != c1 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert runner.commit == c1, "runner did not start the first commit"
-        assert Client(runner.url, verbose=False).predict(api_name="/metadata")["version"] == "v1"
-
-        b2 = space.build_bundle(
-            space_model, bundle_meta("v2"), example_photos[:1], tmp_path / "b2", cfg
-        )
-        c2 = space.publish(b2, target, "v2", c1)
-        published = time.monotonic()
-        version = None
-        while time.monotonic() - published < 60:
-            try:
-                version = Client(runner.url, verbose=False).predict(api_name="/metadata")["version"]
-            except Exception:
-                version = None  # the old app is gone and the new one is starting
-            if version == "v2":
-                break
-            time.sleep(1)
-        assert version == "v2", "runner did not serve v2 within 60 s"
-        assert runner.commit == c2
-    finally:
-        runner.stop()
-        thread.join(60)
-    assert runner.proc is None
-
-
-@pytest.mark.slow
-def test_wait_space_sends_a_canary_to_the_served_app(served, example_photos, tmp_path):
-    out = space.wait_space(str(tmp_path / "repo"), canary=example_photos[0], app_url=served["url"])
-    assert out["stage"] == "RUNNING" and out["canary_label"] in bundle_meta("x")["classes"]
-    with pytest.raises(space.PublishError, match="canary request to http://127.0.0.1:9/ failed"):
-        space.wait_space(
-            str(tmp_path / "repo"), canary=example_photos[0], app_url="http://127.0.0.1:9/"
-        )
-
-
-# ---------------------------------------------------------------- issue 13: bombs, feedback, errors
 
 
 def _png(path: Path, data: bytes) -> str:

@@ -209,8 +209,9 @@ def test_ddgs_failed_query_recorded_and_run_continues():
             return RuntimeError("connection reset")
         return [_result(i, host="corgi.example") for i in range(4)] if page == 1 else []
 
+    # search_spread_s=0: only backoff here (the spread pace is tested in test_search_blocks.py).
     src, fake, clock = _source(
-        script, max_results=4, max_retries=2, backoff_s=1.0, backoff_max_s=1.5
+        script, max_results=4, max_retries=2, backoff_s=1.0, backoff_max_s=1.5, search_spread_s=0
     )
     rep = src.search()
     assert {c.query for c in rep.candidates} == {"photo corgi"}

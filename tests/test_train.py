@@ -21,11 +21,11 @@ import pandas as pd
 import pytest
 
 from freshnet.config import TrainConfig, parse_config
+from freshnet.evaluate import find_label_noise
 from freshnet.storage import FileStorage
 from freshnet.train import (
     PretrainedWeightsUnavailable,
     TrainError,
-    find_label_noise,
     materialize,
     train_model,
     valid_mask,
