@@ -105,6 +105,7 @@ def test_demo_two_nights(tmp_path):
     assert status.returncode == 0 and s1["challenger"]["version"] in status.stdout
 
 
+@pytest.mark.slow  # a whole CLI night (~23 s): too long for the 2-minute fast suite
 def test_quality_gate_stops_the_cycle_and_names_the_class(tmp_path):
     """Too few images for a class: the night stops before training, says which class, keeps all."""
     cfg = REPO / "configs" / "demo.toml"
