@@ -157,3 +157,22 @@ def test_ensure_embeddings_keep_returns_only_the_rows_asked_for(tmp_path: Path) 
     assert kept.shas == shas[40:] and kept.ok.all()
     np.testing.assert_array_equal(kept.emb, full.emb[40:])
     np.testing.assert_array_equal(kept.thumb, full.thumb[40:])
+
+
+def test_embedder_folds_batchnorm_without_changing_the_embeddings(flower_photos):
+    """The night's largest N-independent cost is embedding tonight's images: the embedder folds
+    BatchNorm into the convolutions, and its embeddings equal the unfolded backbone's."""
+    import torch
+    from PIL import Image
+    from torch import nn
+
+    photos = [p for paths in flower_photos.values() for p in paths[:1]]
+    images = [Image.open(p).convert("RGB") for p in photos]
+    embedder = embed.Embedder()
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in embedder.model.modules())
+    plain = nn.Sequential(embed.lite0_body(pretrained=True), nn.AdaptiveAvgPool2d(1)).eval()
+    with torch.inference_mode():
+        ref = plain(embedder._tensor(images).contiguous()).flatten(1).numpy()
+    ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+    got = embedder.embed(images)
+    assert np.abs(got - ref).max() < 1e-5
