@@ -144,6 +144,25 @@ def test_docs_name_only_known_settings_and_config_keys() -> None:
                 assert key in sections[section], (doc, f"{section}.{key}")
 
 
+def test_every_config_key_and_app_variable_is_documented() -> None:
+    """The README names every config key and every variable the Space app reads (drift guard)."""
+    from freshnet.config import Config
+
+    readme = (REPO / "README.md").read_text()
+    undocumented = []
+    for section, field in Config.model_fields.items():
+        keys = getattr(field.annotation, "model_fields", None)
+        for key in keys or ():
+            # Rows group keys of one section: `train.epochs`, `freeze_epochs`, ...
+            if f"`{section}.{key}`" not in readme and f"`{key}`" not in readme:
+                undocumented.append(f"{section}.{key}")
+    app = (REPO / "app" / "app.py").read_text()
+    for name in sorted(set(re.findall(r'"(FRESHNET_[A-Z0-9_]+)"', app))):
+        if f"`{name}`" not in readme:
+            undocumented.append(name)
+    assert not undocumented, f"not in README.md: {undocumented}"
+
+
 def test_pull_step_enters_this_machines_project_dir(tmp_path: Path, monkeypatch) -> None:
     """The pull step reads FRESHNET_PROJECT_DIR when the run starts: nothing is templated at
     deploy time (a `{{ $VAR }}` would be filled in from the deploying shell)."""
