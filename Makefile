@@ -38,6 +38,7 @@ test-fast: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy  # strict on freshnet/, see [tool.mypy] in pyproject.toml
 
 format: venv
 	$(VENV)/bin/ruff format .

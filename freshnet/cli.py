@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from typing import Any, cast
 
 from freshnet.config import Config, ConfigError, load_config
 from freshnet.lease import LeaseHeld
@@ -57,9 +58,10 @@ def _run_night(args: argparse.Namespace) -> int:
 
     # A night whose yield collapsed ends Failed ("Degraded") but still has its summary.
     state = nightly(config=args.config, night=args.night, return_state=True)
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, BaseException):
-        raise result
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    result = cast("dict[str, Any]", outcome)  # the nightly flow returns the night's summary
     print()
     print(format_summary(result))
     if args.json:
@@ -276,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return args.fn(args)
+        rc: int = args.fn(args)
+        return rc
     except ConfigError as exc:
         print(redact(f"freshnet: config error: {exc}"), file=sys.stderr)
         return EXIT_CONFIG

@@ -11,9 +11,12 @@ import typing
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
 
 ENV_PREFIX = "FRESHNET_"
 
@@ -47,7 +50,7 @@ NON_CONFIG_ENV = frozenset(
         "FRESHNET_S3_REGION",  # freshnet/storage.py
         "FRESHNET_S3_TIMEOUT_S",  # freshnet/storage.py
         "FRESHNET_SHARED_DATA",  # tests and benchmarks: the shared photo folder
-        "FRESHNET_SPACE_TEST_MODEL",  # tests/space_helpers.py
+        "FRESHNET_SPACE_TEST_MODEL",  # tests/model_helpers.py
         "FRESHNET_TORCH_THREADS",  # app/app.py
         "FRESHNET_UPLOAD_TTL_S",  # app/app.py
         "FRESHNET_VENV",  # infra/worker.sh, infra/Dockerfile.gpu-worker
@@ -412,7 +415,7 @@ def _template_problem(query: str) -> str | None:
     return None
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: ErrorDetails) -> str:
     loc = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
     msg = err.get("msg", "invalid")
     ctx = err.get("ctx") or {}

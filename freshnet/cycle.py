@@ -59,7 +59,7 @@ def config_fingerprint(cfg: Config) -> str:
 # ---- ingest ---------------------------------------------------------------------------------
 
 
-def search_step(cfg: Config, night: str, feedback_token: str | None = None) -> dict:
+def search_step(cfg: Config, night: str, feedback_token: str | None = None) -> dict[str, Any]:
     """``feedback_token``: space.feedback_repo's token read at run time (else the environment's)."""
     from freshnet import feedback, sources
 
@@ -90,7 +90,7 @@ def ingest_step(
     night: str,
     search_key: str,
     on_progress: Callable[[int, int], None] | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Download tonight's candidates; ``on_progress(done, total)`` follows the downloads."""
     from freshnet import ingest, sources
 
@@ -108,7 +108,7 @@ def ingest_step(
     }
 
 
-def curate_step(cfg: Config, night: str, ingest_key: str) -> dict:
+def curate_step(cfg: Config, night: str, ingest_key: str) -> dict[str, Any]:
     from freshnet import dataset, ingest
 
     store = open_store(cfg)
@@ -118,7 +118,9 @@ def curate_step(cfg: Config, night: str, ingest_key: str) -> dict:
     return report.to_dict()
 
 
-def _champion_probs(cfg: Config, store: Storage, champion: dict, rows: Any, judge: Any) -> Any:
+def _champion_probs(
+    cfg: Config, store: Storage, champion: dict[str, Any], rows: Any, judge: Any
+) -> Any:
     """The champion's probabilities over cfg.classes for the ``judge`` rows (NaN elsewhere).
 
     Only rows the champion never trained on may be judged by it; the caller passes tonight's.
@@ -152,7 +154,9 @@ def _champion_probs(cfg: Config, store: Storage, champion: dict, rows: Any, judg
     return probs
 
 
-def label_check_step(cfg: Config, night: str, champion: dict | None = None) -> dict:
+def label_check_step(
+    cfg: Config, night: str, champion: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Hold back images whose label out-of-sample models dispute (status noisy_label).
 
     Runs after curation and before the snapshot, so neither tonight's challenger nor the holdout
@@ -240,7 +244,7 @@ def label_check_step(cfg: Config, night: str, champion: dict | None = None) -> d
     return check.to_dict()
 
 
-def snapshot_step(cfg: Config, since: str | None = None) -> dict:
+def snapshot_step(cfg: Config, since: str | None = None) -> dict[str, Any]:
     """Snapshot and gate; ``new_since`` counts images not in snapshot ``since`` (the champion's).
 
     "Nothing new" is measured against the champion's dataset, not tonight's curation: a night
@@ -276,14 +280,14 @@ def train_step(
     version: str,
     init_model_key: str | None,
     on_progress: Callable[[float, int], None] | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """Train ``version``; ``on_progress(epochs, total)`` follows the training."""
     from freshnet import dataset, evaluate, train
 
     store = open_store(cfg)
     tc = cfg.train
 
-    def find_noise(model_path: Path, rows: Any, image_dir: Path) -> list[dict]:
+    def find_noise(model_path: Path, rows: Any, image_dir: Path) -> list[dict[str, Any]]:
         return evaluate.find_label_noise(
             model_path, rows, image_dir, tc.noise_confidence, tc.noise_top_loss_fraction
         )
@@ -308,12 +312,13 @@ def train_step(
     return result
 
 
-def load_train_result(cfg: Config, version: str) -> dict:
+def load_train_result(cfg: Config, version: str) -> dict[str, Any]:
     """What the train flow left in storage (how a result crosses machines in served mode)."""
-    return get_json(open_store(cfg), f"models/{version}/result.json")
+    result: dict[str, Any] = get_json(open_store(cfg), f"models/{version}/result.json")
+    return result
 
 
-def find_train_result(cfg: Config, version: str) -> dict | None:
+def find_train_result(cfg: Config, version: str) -> dict[str, Any] | None:
     """The finished training of ``version`` if an earlier attempt left one (it is written last)."""
     try:
         return load_train_result(cfg, version)
@@ -334,7 +339,7 @@ def night_version(cfg: Config, night: str, snapshot_id: str, init_key: str | Non
     key = f"nights/{night}/version-{tag}.json"
     store = open_store(cfg)
     store.put_if_absent(key, json.dumps({"version": new_version(), **part}, default=str).encode())
-    version = get_json(store, key)["version"]
+    version: str = get_json(store, key)["version"]
     log.info("night %s: model version %s (snapshot %s)", night, version, snapshot_id)
     return version
 
@@ -342,7 +347,9 @@ def night_version(cfg: Config, night: str, snapshot_id: str, init_key: str | Non
 # ---- evaluate and decide --------------------------------------------------------------------
 
 
-def _predictor(cfg: Config, store: Storage, model_key: str, version: str) -> Callable:
+def _predictor(
+    cfg: Config, store: Storage, model_key: str, version: str
+) -> Callable[[list[str]], tuple[Any, list[str]]]:
     """predict(shas) -> (probs, vocab) for freshnet.predictions: fetches the model and only the
     images it is asked for, so rows served from the prediction cache cost no download."""
 
@@ -365,7 +372,7 @@ def _predictor(cfg: Config, store: Storage, model_key: str, version: str) -> Cal
     return predict
 
 
-def evaluate_step(cfg: Config, model_key: str, version: str, snapshot_id: str) -> dict:
+def evaluate_step(cfg: Config, model_key: str, version: str, snapshot_id: str) -> dict[str, Any]:
     """Score ``version`` on the snapshot's holdout; the model predicts only the images its
     prediction cache (per version and image sha256) does not hold yet."""
     from freshnet import dataset, evaluate, predictions
@@ -373,7 +380,8 @@ def evaluate_step(cfg: Config, model_key: str, version: str, snapshot_id: str) -
     store = open_store(cfg)
     key = f"evals/{version}/{snapshot_id}.json"
     try:
-        return get_json(store, key)  # a model is scored once per snapshot
+        done: dict[str, Any] = get_json(store, key)  # a model is scored once per snapshot
+        return done
     except NotFound:
         pass
     manifest = dataset.load_manifest(store, snapshot_id)
@@ -389,11 +397,11 @@ def evaluate_step(cfg: Config, model_key: str, version: str, snapshot_id: str) -
 
 def decide_step(
     cfg: Config,
-    challenger: dict,
-    champion: dict | None,
+    challenger: dict[str, Any],
+    champion: dict[str, Any] | None,
     bundle_error: str | None = None,
     bundle_checked: bool = False,
-) -> dict:
+) -> dict[str, Any]:
     """Decide, and write the report (markdown + confusion PNG) next to the decision in storage.
 
     ``report`` is for the Prefect UI: its confusion image is a presigned URL where the storage
@@ -458,8 +466,12 @@ def _examples(cfg: Config, holdout_paths: list[tuple[Path, str]]) -> list[Path]:
 
 
 def bundle_step(
-    cfg: Config, version: str, train_result: dict, evaluation: dict, snapshot_id: str
-) -> dict:
+    cfg: Config,
+    version: str,
+    train_result: dict[str, Any],
+    evaluation: dict[str, Any],
+    snapshot_id: str,
+) -> dict[str, Any]:
     """Build the Space bundle and check it in a clean process; returns its path and the verdict."""
     from freshnet import dataset, space, train
 
@@ -514,12 +526,12 @@ def publish_step(
     cfg: Config,
     version: str,
     bundle_path: str,
-    train_result: dict,
-    evaluation: dict,
-    decision: dict,
+    train_result: dict[str, Any],
+    evaluation: dict[str, Any],
+    decision: dict[str, Any],
     snapshot_id: str,
     token: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The nightly promotion: the validated bundle through the one publish path.
 
     ``token`` is the HF token read at run time by the caller (else HF_TOKEN); it is never stored.
@@ -548,7 +560,7 @@ def publish_step(
     return publish_and_record(cfg, prepare, token=token, what=f"nightly promotion of {version}")
 
 
-def champion_step(cfg: Config, token: str | None = None) -> dict | None:
+def champion_step(cfg: Config, token: str | None = None) -> dict[str, Any] | None:
     """The champion, after settling a publish that a killed or failed publisher left pending.
 
     Healing here (not only at the next publish) means a night that keeps the champion still
@@ -735,7 +747,7 @@ def _publish_locked(
 
 def publish_and_record(
     cfg: Config, prepare: Any, token: str | None = None, what: str = "a publish"
-) -> dict:
+) -> dict[str, Any]:
     """The one publish path: nightly promotion, rollback and manual promotion all come here.
 
     Under the publish lease: settle a lost intent, check the Space's head is the champion's
@@ -772,10 +784,13 @@ def publish_and_record(
                 token=token,
                 canary=examples[0] if examples else None,
             )
-    return vars(entry)
+    published: dict[str, Any] = vars(entry)
+    return published
 
 
-def rollback_step(cfg: Config, version: str | None = None, token: str | None = None) -> dict:
+def rollback_step(
+    cfg: Config, version: str | None = None, token: str | None = None
+) -> dict[str, Any]:
     """Publish an earlier version again: ``version``, or the one before what the Space serves."""
     from freshnet import space
 
@@ -798,7 +813,9 @@ def rollback_step(cfg: Config, version: str | None = None, token: str | None = N
     )
 
 
-def promote_step(cfg: Config, version: str, reason: str, token: str | None = None) -> dict:
+def promote_step(
+    cfg: Config, version: str, reason: str, token: str | None = None
+) -> dict[str, Any]:
     """Publish any trained version by hand (models/<version>/model.pkl), recording the reason."""
     from freshnet import space
     from freshnet.ledger import LedgerError
@@ -814,7 +831,7 @@ def promote_step(cfg: Config, version: str, reason: str, token: str | None = Non
     return publish_and_record(cfg, prepare, token=token, what=f"manual promotion of {version}")
 
 
-def reconcile_step(cfg: Config, token: str | None = None) -> dict | None:
+def reconcile_step(cfg: Config, token: str | None = None) -> dict[str, Any] | None:
     """Settle a lost publish intent now (under the lease) and return the champion."""
     from freshnet.ledger import Ledger
 
@@ -832,7 +849,9 @@ def reconcile_step(cfg: Config, token: str | None = None) -> dict | None:
 # ---- history ----------------------------------------------------------------------------------
 
 
-def record_night_step(cfg: Config, summary: dict, run: str | None = None) -> dict:
+def record_night_step(
+    cfg: Config, summary: dict[str, Any], run: str | None = None
+) -> dict[str, Any]:
     """Add tonight to the nights' history in storage; returns the record and the table rows."""
     from freshnet import history
 

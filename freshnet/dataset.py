@@ -23,10 +23,10 @@ import logging
 import math
 import secrets
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,8 @@ from .config import Config, DatasetConfig
 from .storage import NotFound, Storage
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CATALOG_COLUMNS = [
     "sha256",
@@ -317,6 +319,433 @@ def _copy_pairs(
     return pairs, batch
 
 
+_COUNT_KINDS = ("new", "duplicate", "near_duplicate", "quarantined")
+
+
+@dataclass
+class _Tally:
+    """Per-class counts and the report's conflict list, kept together so they never disagree."""
+
+    counts: dict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+
+    def ensure(self, label: str) -> None:
+        # A label outside cfg.classes still gets all four counts.
+        for kind in _COUNT_KINDS:
+            self.counts[label][kind] += 0
+
+    def count(self, label: str, kind: str) -> None:
+        self.counts[label][kind] += 1
+
+    def quarantine(self, sha: str, label: str, status: str, note: str) -> None:
+        """Count a quarantined image and list it in the report (the one place the entry is built)."""
+        self.counts[label]["quarantined"] += 1
+        self.conflicts.append({"sha256": sha, "label": label, "status": status, "note": note})
+
+    def report(self, night: str, catalog_rows: int) -> CurationReport:
+        per_class = {c: dict(v) for c, v in sorted(self.counts.items())}
+        return CurationReport(
+            night=night,
+            per_class=per_class,
+            new_total=sum(v["new"] for v in per_class.values()),
+            duplicate_total=sum(v["duplicate"] for v in per_class.values()),
+            quarantined_total=sum(v["quarantined"] for v in per_class.values()),
+            near_duplicate_total=sum(v["near_duplicate"] for v in per_class.values()),
+            catalog_rows=catalog_rows,
+            conflicts=self.conflicts,
+        )
+
+
+@dataclass
+class _History:
+    """The catalog's rows as tonight's curation reads and edits them (columns as lists)."""
+
+    sha: list[str]
+    status: list[str]
+    notes: list[str]
+    groups: list[str]
+    labels: list[str]
+    decided: set[str]  # images a reviewer decided on: curation never overrides them
+    row_of: dict[str, int]  # sha256 and orig_sha256 of existing rows -> row
+    members: dict[str, list[int]]  # group -> its rows
+    group_split: dict[str, str]
+    alias: dict[str, str] = field(default_factory=dict)  # group merged tonight -> group it joined
+
+    @classmethod
+    def of(cls, df: pd.DataFrame, decided: set[str]) -> _History:
+        row_of: dict[str, int] = {}
+        for i, (s, o) in enumerate(zip(df["sha256"], df["orig_sha256"], strict=True)):
+            row_of.setdefault(s, i)
+            if o:
+                row_of.setdefault(o, i)
+        groups = df["group"].tolist()
+        members: dict[str, list[int]] = defaultdict(list)
+        for i, g in enumerate(groups):
+            members[g].append(i)
+        return cls(
+            sha=df["sha256"].tolist(),
+            status=df["status"].tolist(),
+            notes=df["note"].tolist(),
+            groups=groups,
+            labels=df["label"].tolist(),
+            decided=decided,
+            row_of=row_of,
+            members=members,
+            group_split=dict(zip(df["group"], df["split"], strict=True)),
+        )
+
+    def canon(self, g: str) -> str:
+        """The group ``g`` belongs to now (groups merged earlier tonight point to the survivor)."""
+        while g in self.alias:
+            g = self.alias[g]
+        return g
+
+    def merge(self, g: str, into: str) -> None:
+        # Callers merge only groups on one side of the split: rows change group, never split.
+        self.alias[g] = into
+        for r in self.members.pop(g):
+            self.groups[r] = into
+            self.members[into].append(r)
+
+    def mark_conflict(self, rows: Iterable[int], all_labels: set[str]) -> None:
+        """Quarantine existing rows whose group now carries several labels (decided rows stay)."""
+        note = "labels: " + ", ".join(sorted(all_labels))
+        for r in rows:
+            if self.sha[r] in self.decided or self.status[r] in ("dropped", "split_conflict"):
+                continue
+            if self.status[r] in ("ok", "label_conflict"):
+                self.status[r], self.notes[r] = "label_conflict", note
+
+
+@dataclass
+class _Batch:
+    """Tonight's images that are no exact copy of anything held, in arrival order."""
+
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    position: dict[str, int] = field(default_factory=dict)  # sha256/orig_sha256 -> pending index
+    # pending index -> labels its exact copies arrived with tonight (a dispute within the batch)
+    disputed: dict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
+
+    def add(self, o: dict[str, Any]) -> None:
+        self.position[o["sha256"]] = len(self.pending)
+        if o["orig_sha256"]:
+            self.position.setdefault(o["orig_sha256"], len(self.pending))
+        self.pending.append(o)
+
+
+@dataclass
+class _Hashes:
+    """The near-duplicate signals of the pending images, by pending index."""
+
+    phash: np.ndarray
+    dhash: np.ndarray
+    has_dhash: np.ndarray  # False: stored bytes missing or unreadable, pHash alone
+
+
+@dataclass
+class _Placement:
+    """Where each pending image lands, by pending index."""
+
+    group: list[str]
+    split: list[str]
+    status: list[str]
+    note: list[str]
+
+
+def _copy_of_history(o: dict[str, Any], hist: _History, tally: _Tally) -> bool:
+    """Count ``o`` if it is an exact copy of a catalog row; False when it is not one."""
+    hit = hist.row_of.get(o["sha256"], hist.row_of.get(o["orig_sha256"] or "", None))
+    if hit is None:
+        return False
+    label = o["label"]
+    if hist.labels[hit] != label and hist.status[hit] != "dropped":
+        # The same photo under two labels: the labels are unreliable, not guessed.
+        g = hist.groups[hit]
+        labs = {hist.labels[r] for r in hist.members[g]} | {label}
+        if o["source"] != "feedback":  # unreviewed feedback only reports the dispute
+            hist.mark_conflict(hist.members[g], labs)
+        note = f"exact copy of {hist.labels[hit]} image {hist.sha[hit]}"
+        tally.quarantine(o["sha256"], label, "label_conflict", note)
+    else:
+        tally.count(label, "duplicate")
+    return True
+
+
+def _copy_within_batch(o: dict[str, Any], batch: _Batch, tally: _Tally) -> bool:
+    """Count ``o`` if it is an exact copy of an image that arrived earlier tonight."""
+    j = batch.position.get(o["sha256"], batch.position.get(o["orig_sha256"] or "", None))
+    if j is None:
+        return False
+    label, first = o["label"], batch.pending[j]
+    if first["label"] != label:
+        if o["source"] != "feedback":  # unreviewed feedback only reports the dispute
+            batch.disputed[j].add(label)
+        note = f"exact copy of {first['label']} image {first['sha256']}"
+        tally.quarantine(o["sha256"], label, "label_conflict", note)
+    else:
+        tally.count(label, "duplicate")
+    return True
+
+
+def _take_outcomes(outcomes: Sequence[Any], hist: _History, tally: _Tally) -> _Batch:
+    """Stage 1: keep the accepted outcomes that are new bytes; count the exact copies."""
+    batch = _Batch()
+    for raw in outcomes:
+        o = _outcome(raw)
+        if o["status"] != "accepted":
+            continue
+        if not o["label"] or not o["sha256"]:
+            raise ValueError(f"accepted outcome for {o['url']!r} lacks a label or sha256: {o}")
+        tally.ensure(o["label"])
+        if not (_copy_of_history(o, hist, tally) or _copy_within_batch(o, batch, tally)):
+            batch.add(o)
+    return batch
+
+
+def _hash_signals(store: Storage, pending: Sequence[dict[str, Any]]) -> _Hashes:
+    n = len(pending)
+    hashes = _Hashes(np.zeros(n, np.uint64), np.zeros(n, np.uint64), np.zeros(n, bool))
+    for i, o in enumerate(pending):
+        p, d, ok = _signals(store, o["sha256"], o["phash"])
+        hashes.phash[i], hashes.dhash[i], hashes.has_dhash[i] = p, d, ok
+    return hashes
+
+
+def _near_links(
+    index: dedupe.HashIndex, h: _Hashes, groups: Sequence[str], ddc: Any
+) -> tuple[dedupe.UnionFind, dict[int, set[str]]]:
+    """Stage 2: near duplicates by pHash (confirmed by dHash).
+
+    Returns the union of tonight's images that are near each other, and for each pending index
+    the existing groups it is near.
+    """
+    n = len(h.phash)
+    uf = dedupe.UnionFind(n)
+    touched: dict[int, set[str]] = defaultdict(set)
+    if not (ddc.near and n):
+        return uf, touched
+    P, D, HD = h.phash, h.dhash, h.has_dhash
+    qi, ti, dist = index.query(P, ddc.near_threshold)
+    if len(qi):
+        keep = dedupe.confirm(
+            index, ti, D[qi], HD[qi], dist, ddc.confirm_threshold, ddc.unconfirmed_threshold
+        )
+        for q, t in zip(qi[keep].tolist(), ti[keep].tolist(), strict=True):
+            touched[q].add(groups[t])
+    if n > 1:
+        ii, jj, dist = dedupe.find_pairs(P, ddc.near_threshold)
+        if len(ii):
+            tmp = dedupe.HashIndex(P, D, HD, np.zeros(n, np.uint64))
+            keep = dedupe.confirm(
+                tmp, jj, D[ii], HD[ii], dist, ddc.confirm_threshold, ddc.unconfirmed_threshold
+            )
+            for a, b in zip(ii[keep].tolist(), jj[keep].tolist(), strict=True):
+                uf.union(a, b)
+    return uf, touched
+
+
+def _link_disguised_copies(
+    store: Storage,
+    hist: _History,
+    pending: Sequence[dict[str, Any]],
+    ddc: Any,
+    uf: dedupe.UnionFind,
+    touched: dict[int, set[str]],
+) -> None:
+    """Stage 3, the second signal: disguised copies (crops, watermarks, flips) pHash cannot see."""
+    found, within = _copy_pairs(store, hist.sha, pending, ddc)
+    for q, t in found:
+        touched[q].add(hist.groups[t])
+    for a, b in within:
+        uf.union(a, b)
+
+
+def _quarantine_split_conflict(
+    comp: Sequence[int],
+    near: set[str],
+    pending: Sequence[dict[str, Any]],
+    hist: _History,
+    placed: _Placement,
+    tally: _Tally,
+) -> None:
+    """A component near groups in both splits belongs to neither: joining would leak."""
+    gl = sorted(near)
+    for i in comp:
+        sha = pending[i]["sha256"]
+        placed.group[i], placed.split[i], placed.status[i] = sha[:16], NO_SPLIT, "split_conflict"
+        placed.note[i] = "near groups in both splits: " + ", ".join(
+            f"{g} ({hist.group_split[g]})" for g in gl
+        )
+        tally.quarantine(sha, pending[i]["label"], "split_conflict", placed.note[i])
+
+
+def _group_for(
+    comp: Sequence[int],
+    near: set[str],
+    pending: Sequence[dict[str, Any]],
+    hist: _History,
+    dcfg: DatasetConfig,
+) -> tuple[str, str]:
+    """The group (and its split) a component joins: the smallest near group, merging the rest,
+    or a new group named by its smallest sha256, split by the salted hash of that name."""
+    if near:
+        gid = min(near)
+        split = hist.group_split[gid]
+        for g in sorted(near - {gid}):
+            hist.merge(g, gid)
+        return gid, split
+    gid = min(pending[i]["sha256"] for i in comp)[:16]
+    return gid, split_for_group(gid, dcfg.split_salt, dcfg.holdout_fraction)
+
+
+def _group_labels(
+    comp: Sequence[int], existing: Sequence[int], batch: _Batch, hist: _History
+) -> tuple[set[str], set[str]]:
+    """(trusted, all) labels of a group with this component in it.
+
+    Unreviewed feedback never takes other images out of the dataset: only trusted labels (web,
+    reviewed) make a conflict for them; a feedback image sees every label.
+    """
+    pending = batch.pending
+    comp_labels = {pending[i]["label"] for i in comp}
+    for i in comp:
+        comp_labels |= batch.disputed.get(i, set())
+    trusted = {
+        hist.labels[r]
+        for r in existing
+        if hist.status[r] in ("ok", "label_conflict", "noisy_label")
+    }
+    trusted |= {pending[i]["label"] for i in comp if pending[i]["source"] != "feedback"}
+    trusted |= set().union(*(batch.disputed.get(i, set()) for i in comp))
+    feedback = {hist.labels[r] for r in existing if hist.status[r] == "feedback"}
+    return trusted, comp_labels | trusted | feedback
+
+
+def _join_group(
+    comp: Sequence[int],
+    near: set[str],
+    batch: _Batch,
+    hist: _History,
+    placed: _Placement,
+    tally: _Tally,
+    dcfg: DatasetConfig,
+) -> None:
+    """Place a component in its group; a group with several labels is quarantined, not guessed."""
+    gid, split = _group_for(comp, near, batch.pending, hist, dcfg)
+    hist.group_split[gid] = split
+    existing = hist.members.get(gid, [])
+    trusted, all_labels = _group_labels(comp, existing, batch, hist)
+    dropped_only = bool(existing) and all(hist.status[r] == "dropped" for r in existing)
+    for pos, i in enumerate(sorted(comp)):
+        o = batch.pending[i]
+        placed.group[i], placed.split[i] = gid, split
+        seen_labels = all_labels if o["source"] == "feedback" else trusted
+        if len(seen_labels) > 1:
+            placed.status[i] = "label_conflict"
+            placed.note[i] = "labels: " + ", ".join(sorted(seen_labels))
+            tally.quarantine(o["sha256"], o["label"], "label_conflict", placed.note[i])
+        elif dropped_only:
+            placed.status[i] = "dropped"
+            placed.note[i] = f"near-copy of dropped images in group {gid}"
+            tally.count(o["label"], "quarantined")
+        elif near or pos > 0:
+            tally.count(o["label"], "near_duplicate")
+        else:
+            tally.count(o["label"], "new")
+    if len(trusted) > 1:
+        hist.mark_conflict(existing, trusted)
+
+
+def _place(
+    batch: _Batch,
+    uf: dedupe.UnionFind,
+    touched: dict[int, set[str]],
+    hist: _History,
+    tally: _Tally,
+    dcfg: DatasetConfig,
+) -> _Placement:
+    """Stage 4: give each component of near images a group and a split (or quarantine it)."""
+    n = len(batch.pending)
+    # Corrections from the app wait for review instead of joining train/holdout at once.
+    status = ["feedback" if o["source"] == "feedback" else "ok" for o in batch.pending]
+    placed = _Placement([""] * n, [""] * n, status, [""] * n)
+    for comp in sorted(uf.groups().values(), key=min):
+        near = {hist.canon(g) for i in comp for g in touched[i]}
+        splits = {hist.group_split[g] for g in near}
+        if ("train" in splits and "holdout" in splits) or NO_SPLIT in splits:
+            _quarantine_split_conflict(comp, near, batch.pending, hist, placed, tally)
+        else:
+            _join_group(comp, near, batch, hist, placed, tally, dcfg)
+    return placed
+
+
+def _new_rows(
+    pending: Sequence[dict[str, Any]], h: _Hashes, placed: _Placement, night: str
+) -> pd.DataFrame:
+    """Stage 5: tonight's catalog rows."""
+    return pd.DataFrame(
+        {
+            "sha256": [o["sha256"] for o in pending],
+            "orig_sha256": [o["orig_sha256"] or "" for o in pending],
+            "label": [o["label"] for o in pending],
+            "url": [o["url"] or "" for o in pending],
+            "query": [o["query"] or "" for o in pending],
+            "source": [o["source"] or "" for o in pending],
+            "phash": dedupe.u64_to_hex(h.phash),
+            "group": placed.group,
+            "split": placed.split,
+            "first_seen": [night] * len(pending),
+            "status": placed.status,
+            "note": placed.note,
+            "dhash": [
+                f"{int(d):016x}" if ok else "" for d, ok in zip(h.dhash, h.has_dhash, strict=True)
+            ],
+            "width": [int(o["width"] or 0) for o in pending],
+            "height": [int(o["height"] or 0) for o in pending],
+        }
+    )
+
+
+def _write_index_segment(
+    store: Storage, state: CatalogState, pending: Sequence[dict[str, Any]], h: _Hashes
+) -> list[str]:
+    """Tonight's rows of the near-duplicate index as a new segment; returns the new segment list."""
+    seg = f"index/segments/{state.version + 1:06d}-{secrets.token_hex(4)}.npz"
+    tags = dedupe.tags_of([o["sha256"] for o in pending])
+    if len(state.index.segments) >= MAX_SEGMENTS:
+        # Compaction, once every MAX_SEGMENTS nights: one O(all) write keeps loads cheap.
+        full = state.index.appended(h.phash, h.dhash, h.has_dhash, tags)
+        dedupe.write_segment(store, seg, full.phash, full.dhash, full.has_dhash, full.tag)
+        return [seg]
+    dedupe.write_segment(store, seg, h.phash, h.dhash, h.has_dhash, tags)
+    return [*state.index.segments, seg]
+
+
+def _store_curation(
+    store: Storage,
+    state: CatalogState,
+    df: pd.DataFrame,
+    new_rows: pd.DataFrame,
+    pending: Sequence[dict[str, Any]],
+    h: _Hashes,
+    night: str,
+) -> pd.DataFrame:
+    """Stage 6: write the index segment and the catalog, then compare-and-swap the pointer."""
+    out = pd.concat([df, new_rows], ignore_index=True) if len(df) else new_rows
+    segments = list(state.index.segments)
+    if pending:
+        segments = _write_index_segment(store, state, pending, h)
+    _commit(
+        store,
+        state,
+        out,
+        segments,
+        f"curate night {night}",
+        new_segments=segments[-1:] if pending else (),
+    )
+    return out
+
+
 def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> CurationReport:
     """Dedupe tonight's accepted images against all history, group, split, and persist the catalog.
 
@@ -327,278 +756,22 @@ def curate(store: Storage, outcomes: Sequence[Any], night: str, cfg: Config) -> 
     night = str(night)
     state = load_state(store)
     df = state.df.copy()
-    decided = _decided(store)
-    dcfg, ddc = cfg.dataset, cfg.dedupe
-    counts: dict[str, Counter] = defaultdict(Counter)
+    hist = _History.of(df, _decided(store))
+    tally = _Tally()
     for c in cfg.classes:
-        counts[c].update({"new": 0, "duplicate": 0, "near_duplicate": 0, "quarantined": 0})
-    conflicts: list[dict[str, Any]] = []
+        tally.ensure(c)
 
-    row_of: dict[str, int] = {}  # sha256 and orig_sha256 of existing rows -> row
-    for i, (s, o) in enumerate(zip(df["sha256"], df["orig_sha256"], strict=True)):
-        row_of.setdefault(s, i)
-        if o:
-            row_of.setdefault(o, i)
-    status = df["status"].tolist()
-    notes = df["note"].tolist()
-    groups = df["group"].tolist()
-    labels = df["label"].tolist()
-    members: dict[str, list[int]] = defaultdict(list)
-    for i, g in enumerate(groups):
-        members[g].append(i)
-    group_split = dict(zip(df["group"], df["split"], strict=True))
+    batch = _take_outcomes(outcomes, hist, tally)
+    hashes = _hash_signals(store, batch.pending)
+    uf, touched = _near_links(state.index, hashes, hist.groups, cfg.dedupe)
+    if cfg.dedupe.copies and batch.pending:
+        _link_disguised_copies(store, hist, batch.pending, cfg.dedupe, uf, touched)
+    placed = _place(batch, uf, touched, hist, tally, cfg.dataset)
 
-    def mark_conflict(rows: Iterable[int], all_labels: set[str]) -> None:
-        note = "labels: " + ", ".join(sorted(all_labels))
-        for r in rows:
-            if df.sha256.iat[r] in decided or status[r] in ("dropped", "split_conflict"):
-                continue
-            if status[r] in ("ok", "label_conflict"):
-                status[r], notes[r] = "label_conflict", note
-
-    pending: list[dict[str, Any]] = []
-    batch_of: dict[str, int] = {}
-    batch_conflicts: dict[int, set[str]] = defaultdict(set)
-    for raw in outcomes:
-        o = _outcome(raw)
-        if o["status"] != "accepted":
-            continue
-        label, sha = o["label"], o["sha256"]
-        if not label or not sha:
-            raise ValueError(f"accepted outcome for {o['url']!r} lacks a label or sha256: {o}")
-        for kind in ("new", "duplicate", "near_duplicate", "quarantined"):
-            counts[label][kind] += 0  # a label outside cfg.classes still gets all four counts
-        hit = row_of.get(sha, row_of.get(o["orig_sha256"] or "", None))
-        if hit is not None:
-            if labels[hit] != label and status[hit] != "dropped":
-                # The same photo under two labels: the labels are unreliable, not guessed.
-                g = groups[hit]
-                labs = {labels[r] for r in members[g]} | {label}
-                if o["source"] != "feedback":  # unreviewed feedback only reports the dispute
-                    mark_conflict(members[g], labs)
-                counts[label]["quarantined"] += 1
-                conflicts.append(
-                    {
-                        "sha256": sha,
-                        "label": label,
-                        "status": "label_conflict",
-                        "note": f"exact copy of {labels[hit]} image {df.sha256.iat[hit]}",
-                    }
-                )
-            else:
-                counts[label]["duplicate"] += 1
-            continue
-        j = batch_of.get(sha, batch_of.get(o["orig_sha256"] or "", None))
-        if j is not None:
-            if pending[j]["label"] != label:
-                if o["source"] != "feedback":  # unreviewed feedback only reports the dispute
-                    batch_conflicts[j].add(label)
-                counts[label]["quarantined"] += 1
-                conflicts.append(
-                    {
-                        "sha256": sha,
-                        "label": label,
-                        "status": "label_conflict",
-                        "note": f"exact copy of {pending[j]['label']} image {pending[j]['sha256']}",
-                    }
-                )
-            else:
-                counts[label]["duplicate"] += 1
-            continue
-        batch_of[sha] = len(pending)
-        if o["orig_sha256"]:
-            batch_of.setdefault(o["orig_sha256"], len(pending))
-        pending.append(o)
-
-    n = len(pending)
-    P = np.zeros(n, np.uint64)
-    D = np.zeros(n, np.uint64)
-    HD = np.zeros(n, bool)
-    for i, o in enumerate(pending):
-        p, d, ok = _signals(store, o["sha256"], o["phash"])
-        P[i], D[i], HD[i] = p, d, ok
-
-    uf = dedupe.UnionFind(n)
-    touched: dict[int, set[str]] = defaultdict(
-        set
-    )  # pending position -> existing groups it is near
-    if ddc.near and n:
-        k = ddc.near_threshold
-        qi, ti, dist = state.index.query(P, k)
-        if len(qi):
-            keep = dedupe.confirm(
-                state.index,
-                ti,
-                D[qi],
-                HD[qi],
-                dist,
-                ddc.confirm_threshold,
-                ddc.unconfirmed_threshold,
-            )
-            for q, t in zip(qi[keep].tolist(), ti[keep].tolist(), strict=True):
-                touched[q].add(groups[t])
-        if n > 1:
-            ii, jj, dist = dedupe.find_pairs(P, k)
-            if len(ii):
-                tmp = dedupe.HashIndex(P, D, HD, np.zeros(n, np.uint64))
-                keep = dedupe.confirm(
-                    tmp, jj, D[ii], HD[ii], dist, ddc.confirm_threshold, ddc.unconfirmed_threshold
-                )
-                for a, b in zip(ii[keep].tolist(), jj[keep].tolist(), strict=True):
-                    uf.union(a, b)
-
-    if ddc.copies and n:
-        # Second signal: disguised copies (crops, watermarks, flips) the pHash cannot see.
-        found, within = _copy_pairs(store, df["sha256"].tolist(), pending, ddc)
-        for q, t in found:
-            touched[q].add(groups[t])
-        for a, b in within:
-            uf.union(a, b)
-
-    new_group = [""] * n
-    new_split = [""] * n
-    # Corrections from the app wait for review instead of joining train/holdout at once.
-    new_status = ["feedback" if o["source"] == "feedback" else "ok" for o in pending]
-    new_note = [""] * n
-    alias: dict[str, str] = {}  # existing group merged tonight -> the group it joined
-
-    def canon(g: str) -> str:
-        while g in alias:
-            g = alias[g]
-        return g
-
-    comps = sorted(uf.groups().values(), key=min)
-    for comp in comps:
-        near = {canon(g) for i in comp for g in touched[i]}
-        comp_labels = {pending[i]["label"] for i in comp}
-        for i in comp:
-            comp_labels |= batch_conflicts.get(i, set())
-        splits = {group_split[g] for g in near}
-        if ("train" in splits and "holdout" in splits) or NO_SPLIT in splits:
-            gl = sorted(near)
-            for i in comp:
-                sha = pending[i]["sha256"]
-                new_group[i], new_split[i], new_status[i] = sha[:16], NO_SPLIT, "split_conflict"
-                new_note[i] = "near groups in both splits: " + ", ".join(
-                    f"{g} ({group_split[g]})" for g in gl
-                )
-                counts[pending[i]["label"]]["quarantined"] += 1
-                conflicts.append(
-                    {
-                        "sha256": sha,
-                        "label": pending[i]["label"],
-                        "status": "split_conflict",
-                        "note": new_note[i],
-                    }
-                )
-            continue
-        if near:
-            gid = min(near)
-            split = group_split[gid]
-            for g in sorted(near - {gid}):
-                # Same split on both sides, so existing rows change group but never split.
-                alias[g] = gid
-                for r in members.pop(g):
-                    groups[r] = gid
-                    members[gid].append(r)
-        else:
-            gid = min(pending[i]["sha256"] for i in comp)[:16]
-            split = split_for_group(gid, dcfg.split_salt, dcfg.holdout_fraction)
-        group_split[gid] = split
-        existing = members.get(gid, [])
-        # Unreviewed feedback never takes other images out of the dataset: only trusted labels
-        # (web, reviewed) make a conflict for them; a feedback image sees every label.
-        trusted = {
-            labels[r] for r in existing if status[r] in ("ok", "label_conflict", "noisy_label")
-        }
-        trusted |= {pending[i]["label"] for i in comp if pending[i]["source"] != "feedback"}
-        trusted |= set().union(*(batch_conflicts.get(i, set()) for i in comp))
-        all_labels = (
-            comp_labels | trusted | {labels[r] for r in existing if status[r] == "feedback"}
-        )
-        dropped_only = bool(existing) and all(status[r] == "dropped" for r in existing)
-        for pos, i in enumerate(sorted(comp)):
-            o = pending[i]
-            new_group[i], new_split[i] = gid, split
-            seen_labels = all_labels if o["source"] == "feedback" else trusted
-            if len(seen_labels) > 1:
-                new_status[i] = "label_conflict"
-                new_note[i] = "labels: " + ", ".join(sorted(seen_labels))
-                counts[o["label"]]["quarantined"] += 1
-                conflicts.append(
-                    {
-                        "sha256": o["sha256"],
-                        "label": o["label"],
-                        "status": "label_conflict",
-                        "note": new_note[i],
-                    }
-                )
-            elif dropped_only:
-                new_status[i], new_note[i] = (
-                    "dropped",
-                    f"near-copy of dropped images in group {gid}",
-                )
-                counts[o["label"]]["quarantined"] += 1
-            elif near or pos > 0:
-                counts[o["label"]]["near_duplicate"] += 1
-            else:
-                counts[o["label"]]["new"] += 1
-        if len(trusted) > 1:
-            mark_conflict(existing, trusted)
-
-    df["status"], df["note"], df["group"] = status, notes, groups
-    new_rows = pd.DataFrame(
-        {
-            "sha256": [o["sha256"] for o in pending],
-            "orig_sha256": [o["orig_sha256"] or "" for o in pending],
-            "label": [o["label"] for o in pending],
-            "url": [o["url"] or "" for o in pending],
-            "query": [o["query"] or "" for o in pending],
-            "source": [o["source"] or "" for o in pending],
-            "phash": dedupe.u64_to_hex(P),
-            "group": new_group,
-            "split": new_split,
-            "first_seen": [night] * n,
-            "status": new_status,
-            "note": new_note,
-            "dhash": [f"{int(d):016x}" if ok else "" for d, ok in zip(D, HD, strict=True)],
-            "width": [int(o["width"] or 0) for o in pending],
-            "height": [int(o["height"] or 0) for o in pending],
-        }
-    )
-    out = pd.concat([df, new_rows], ignore_index=True) if len(df) else new_rows
-    segments = list(state.index.segments)
-    if n:
-        seg = f"index/segments/{state.version + 1:06d}-{secrets.token_hex(4)}.npz"
-        tags = dedupe.tags_of([o["sha256"] for o in pending])
-        if len(segments) >= MAX_SEGMENTS:
-            # Compaction, once every MAX_SEGMENTS nights: one O(all) write keeps loads cheap.
-            full = state.index.appended(P, D, HD, tags)
-            dedupe.write_segment(store, seg, full.phash, full.dhash, full.has_dhash, full.tag)
-            segments = [seg]
-        else:
-            dedupe.write_segment(store, seg, P, D, HD, tags)
-            segments.append(seg)
-    _commit(
-        store,
-        state,
-        out,
-        segments,
-        f"curate night {night}",
-        new_segments=segments[-1:] if n else (),
-    )
-
-    per_class = {c: dict(v) for c, v in sorted(counts.items())}
-    return CurationReport(
-        night=night,
-        per_class=per_class,
-        new_total=sum(v["new"] for v in per_class.values()),
-        duplicate_total=sum(v["duplicate"] for v in per_class.values()),
-        quarantined_total=sum(v["quarantined"] for v in per_class.values()),
-        near_duplicate_total=sum(v["near_duplicate"] for v in per_class.values()),
-        catalog_rows=len(out),
-        conflicts=conflicts,
-    )
+    df["status"], df["note"], df["group"] = hist.status, hist.notes, hist.groups
+    new_rows = _new_rows(batch.pending, hashes, placed, night)
+    out = _store_curation(store, state, df, new_rows, batch.pending, hashes, night)
+    return tally.report(night, len(out))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -618,7 +791,8 @@ class Snapshot:
 
 def _counts(manifest: pd.DataFrame, classes: Iterable[str] = ()) -> dict[str, dict[str, int]]:
     out = {c: {"train": 0, "holdout": 0} for c in classes}
-    for (label, split), n in manifest.groupby(["label", "split"]).size().items():
+    for key, n in manifest.groupby(["label", "split"]).size().items():
+        label, split = cast(tuple[str, str], key)
         out.setdefault(label, {"train": 0, "holdout": 0})[split] = int(n)
     return dict(sorted(out.items()))
 
@@ -674,7 +848,7 @@ def diff_snapshots(store: Storage, a: str, b: str) -> pd.DataFrame:
     ma, mb = load_manifest(store, a), load_manifest(store, b)
     ka = set(zip(ma["sha256"], ma["label"], ma["split"], strict=True))
     kb = set(zip(mb["sha256"], mb["label"], mb["split"], strict=True))
-    stats: dict[tuple[str, str], Counter] = defaultdict(Counter)
+    stats: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     for _s, lab, sp in ka:
         stats[(lab, sp)]["in_a"] += 1
     for _s, lab, sp in kb:
@@ -796,29 +970,55 @@ def _resolve(df: pd.DataFrame, sha: str) -> int:
     return int(hits[0])
 
 
-def _update(store: Storage, sha: str, action: str, change, retries: int = 5) -> dict[str, Any]:
+def _retry_on_conflict(attempt: Callable[[], T], give_up: str, retries: int = 5) -> T:
+    """Run ``attempt`` (load, change, commit) until its compare-and-swap of the pointer lands.
+
+    Each attempt reloads the catalog, so a lost race is redone on top of the other writer's
+    version instead of overwriting it; after ``retries`` lost races the caller is told to rerun.
+    """
     for _ in range(retries):
+        try:
+            return attempt()
+        except CatalogConflict:
+            continue
+    raise CatalogConflict(give_up)
+
+
+def _cell(df: pd.DataFrame, r: int, column: str) -> str:
+    """One catalog cell as text (every catalog column the messages quote holds strings)."""
+    return str(df.at[r, column])
+
+
+def _update(
+    store: Storage,
+    sha: str,
+    action: str,
+    change: Callable[[pd.DataFrame, int], None],
+    retries: int = 5,
+) -> dict[str, Any]:
+    def attempt() -> tuple[pd.DataFrame, int, dict[str, Any]]:
         state = load_state(store)
         df = state.df.copy()
         r = _resolve(df, sha)
         before = {"label": df.at[r, "label"], "status": df.at[r, "status"]}
         change(df, r)
-        try:
-            _commit(
-                store, state, df, list(state.index.segments), f"{action} {df.at[r, 'sha256'][:12]}"
-            )
-        except CatalogConflict:
-            continue
-        entry = {
-            "sha256": df.at[r, "sha256"],
-            "action": action,
-            "before": before,
-            "after": {"label": df.at[r, "label"], "status": df.at[r, "status"]},
-            "time": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        _record_decision(store, entry)
-        return entry
-    raise CatalogConflict(f"{action} {sha}: the catalog kept changing under it; rerun")
+        _commit(
+            store, state, df, list(state.index.segments), f"{action} {_cell(df, r, 'sha256')[:12]}"
+        )
+        return df, r, before
+
+    give_up = f"{action} {sha}: the catalog kept changing under it; rerun"
+    df, r, before = _retry_on_conflict(attempt, give_up, retries)
+    # Recorded once, after the commit that landed: the audit log never lists a lost attempt.
+    entry = {
+        "sha256": df.at[r, "sha256"],
+        "action": action,
+        "before": before,
+        "after": {"label": df.at[r, "label"], "status": df.at[r, "status"]},
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    _record_decision(store, entry)
+    return entry
 
 
 def release(store: Storage, sha: str) -> dict[str, Any]:
@@ -827,10 +1027,10 @@ def release(store: Storage, sha: str) -> dict[str, Any]:
     def change(df: pd.DataFrame, r: int) -> None:
         if df.at[r, "status"] == "split_conflict":
             raise QuarantineError(
-                f"{df.at[r, 'sha256'][:12]} is near images in both train and holdout; releasing it "
+                f"{_cell(df, r, 'sha256')[:12]} is near images in both train and holdout; releasing it "
                 "would leak between them. Drop it instead"
             )
-        df.at[r, "status"], df.at[r, "note"] = "ok", f"released (was {df.at[r, 'status']})"
+        df.at[r, "status"], df.at[r, "note"] = "ok", f"released (was {_cell(df, r, 'status')})"
 
     return _update(store, sha, "release", change)
 
@@ -844,9 +1044,9 @@ def relabel(store: Storage, sha: str, label: str) -> dict[str, Any]:
     def change(df: pd.DataFrame, r: int) -> None:
         if df.at[r, "status"] == "split_conflict":
             raise QuarantineError(
-                f"{df.at[r, 'sha256'][:12]} is near images in both splits; drop it instead"
+                f"{_cell(df, r, 'sha256')[:12]} is near images in both splits; drop it instead"
             )
-        old = df.at[r, "label"]
+        old = _cell(df, r, "label")
         df.at[r, "label"], df.at[r, "status"] = label, "ok"
         df.at[r, "note"] = f"relabelled from {old}"
 
@@ -857,7 +1057,7 @@ def drop(store: Storage, sha: str) -> dict[str, Any]:
     """Remove an image from every later snapshot (kept in the catalog so its copies stay out too)."""
 
     def change(df: pd.DataFrame, r: int) -> None:
-        df.at[r, "note"] = f"dropped (was {df.at[r, 'status']}, {df.at[r, 'label']})"
+        df.at[r, "note"] = f"dropped (was {_cell(df, r, 'status')}, {_cell(df, r, 'label')})"
         df.at[r, "status"] = "dropped"
 
     return _update(store, sha, "drop", change)
@@ -876,7 +1076,8 @@ def quarantine_images(
     wanted = set(shas)
     if not wanted:
         return 0
-    for _ in range(5):
+
+    def attempt() -> int:
         state = load_state(store)
         df = state.df.copy()
         decided = _decided(store)
@@ -889,12 +1090,11 @@ def quarantine_images(
             df.loc[sel, "note"] = [note.get(x, "") for x in df.loc[sel, "sha256"]]
         else:
             df.loc[sel, "note"] = note
-        try:
-            _commit(store, state, df, list(state.index.segments), f"quarantine {n} {reason}")
-        except CatalogConflict:
-            continue
+        _commit(store, state, df, list(state.index.segments), f"quarantine {n} {reason}")
         return n
-    raise CatalogConflict("quarantine_images: the catalog kept changing under it; rerun")
+
+    give_up = "quarantine_images: the catalog kept changing under it; rerun"
+    return _retry_on_conflict(attempt, give_up)
 
 
 def cap_feedback_share(manifest: pd.DataFrame, share: float) -> tuple[pd.DataFrame, int]:

@@ -147,7 +147,8 @@ def hash_files(
     if not parts:
         empty = np.zeros(0, _U64)
         return empty, empty.copy(), np.zeros(0, bool)
-    return tuple(np.concatenate(x) for x in zip(*parts, strict=True))  # type: ignore[return-value]
+    phash, dhash, has_dhash = (np.concatenate(x) for x in zip(*parts, strict=True))
+    return phash, dhash, has_dhash
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def _search_chunk(
     pos = np.arange(total, dtype=np.int64) + np.repeat(lo - starts, cnt)
     qrep = np.repeat(qi, cnt)
     d = hamming(q_hashes[start + qrep], band.sorted_hashes[pos])
-    hit = d <= k
+    hit: np.ndarray = d <= k
     if self_join:
         # Same bucket (mask 0, the first c entries): keep the pair once, query before target.
         same = np.repeat(nz < c, cnt)
@@ -292,7 +293,7 @@ def _search(
     self_join = queries is None
     tasks = []
     for band in bands:
-        if self_join:
+        if queries is None:  # self_join
             q_order, q_keys, q_hashes = band.order, band.sorted_keys, band.sorted_hashes
         else:
             keys = band.keys_of(queries)
@@ -409,7 +410,14 @@ def encode_segment(
     return buf.getvalue()
 
 
-def write_segment(store: Storage, key: str, phash, dhash, has_dhash, tag) -> str:
+def write_segment(
+    store: Storage,
+    key: str,
+    phash: np.ndarray,
+    dhash: np.ndarray,
+    has_dhash: np.ndarray,
+    tag: np.ndarray,
+) -> str:
     """Persist one append-only index segment (the rows a night added); returns its key."""
     store.put(key, encode_segment(phash, dhash, has_dhash, tag))
     return key
@@ -494,7 +502,8 @@ def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     from scipy.sparse.csgraph import connected_components
 
     g = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
-    return connected_components(g, directed=False)[1]
+    labels: np.ndarray = connected_components(g, directed=False)[1]
+    return labels
 
 
 def confirm(

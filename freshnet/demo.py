@@ -23,6 +23,7 @@ import math
 import threading
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
 from urllib.parse import parse_qs, quote, urlsplit
 
 import numpy as np
@@ -67,6 +68,7 @@ def query_token(query: str) -> str:
 def _polygon(
     shape: str, cx: float, cy: float, r: float, angle: float, rng: np.random.Generator
 ) -> list[tuple[float, float]]:
+    pts: list[tuple[float, float]]
     if shape == "square":
         aspect = rng.uniform(0.8, 1.2)
         pts = [(-1, -aspect), (1, -aspect), (1, aspect), (-1, aspect)]
@@ -113,10 +115,10 @@ def _draw_shape(
     cx: float,
     cy: float,
     r: float,
-    fill,
-    rng,
-    outline=None,
-    bg=None,
+    fill: tuple[int, int, int],
+    rng: np.random.Generator,
+    outline: tuple[int, int, int] | None = None,
+    bg: object = None,
 ) -> None:
     angle = rng.uniform(0, 2 * math.pi)
     width = max(2, int(r * 0.06)) if outline is not None else 0
@@ -139,7 +141,7 @@ def _colour(rng: np.random.Generator, avoid: np.ndarray | None = None) -> tuple[
         c = rng.integers(0, 256, 3)
         if avoid is None or np.abs(c - avoid).sum() > 200:
             break
-    return tuple(int(v) for v in c)
+    return (int(c[0]), int(c[1]), int(c[2]))
 
 
 @functools.lru_cache(maxsize=1)
@@ -287,7 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "freshnet-demo/1"
     state: _State  # set on the subclass made by ensure_server
 
-    def log_message(self, fmt: str, *args) -> None:
+    def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("demo web: " + fmt, *args)
 
     def _send(self, code: int, body: bytes, ctype: str) -> None:
@@ -321,7 +323,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._send(400, b'{"error": "n must be an integer"}', "application/json")
             return
-        label = (qs.get("label") or [None])[0]
+        given = qs.get("label")
+        label: str | None = given[0] if given else None
         classes = self.state.classes
         if label is None:
             hits = [c for c in classes if c.lower() in query.lower()]
@@ -330,7 +333,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, b"[]", "application/json")
             return
         shape = SHAPES[classes.index(label) % len(SHAPES)]
-        host = f"http://{self.server.server_address[0]}:{self.server.server_address[1]}"
+        addr = cast(tuple[str, int], self.server.server_address)  # a TCP server's (host, port)
+        host = f"http://{addr[0]}:{addr[1]}"
         urls = [host + quote(p) for p in search_paths(query, night, n, shape, self.state.seed)]
         self._send(200, json.dumps(urls).encode(), "application/json")
 

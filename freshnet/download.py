@@ -20,13 +20,22 @@ import logging
 import socket
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpcore
 import httpx
 
 from freshnet.config import DownloadConfig
+
+if TYPE_CHECKING:
+    import ssl
+
+# httpcore's socket option type (httpcore._backends.base.SOCKET_OPTION, not exported).
+SocketOption = (
+    tuple[int, int, int] | tuple[int, int, bytes | bytearray] | tuple[int, int, None, int]
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +146,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
             raise ResolveFailed(f"cannot resolve {host!r}: {exc}") from None
         out: list[IPAddress] = []
         for info in infos:
-            ip = ipaddress.ip_address(info[4][0].split("%")[0])
+            ip = ipaddress.ip_address(str(info[4][0]).split("%")[0])
             if ip not in out:
                 out.append(ip)
         if not out:
@@ -150,7 +159,7 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         port: int,
         timeout: float | None = None,
         local_address: str | None = None,
-        socket_options=None,
+        socket_options: Iterable[SocketOption] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         ips = await self.resolve(host, port)
         # Refuse when ANY answer is disallowed: a hostile resolver may mix public and private.
@@ -166,14 +175,21 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
             socket_options=socket_options,
         )
 
-    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[SocketOption] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
         raise BlockedAddress("unix sockets are not allowed")
 
     async def sleep(self, seconds: float) -> None:
         await self.inner.sleep(seconds)
 
 
-def _make_client(cfg: DownloadConfig, ssl_context, backend: GuardedBackend) -> httpx.AsyncClient:
+def _make_client(
+    cfg: DownloadConfig, ssl_context: ssl.SSLContext, backend: GuardedBackend
+) -> httpx.AsyncClient:
     """A client whose pool serves one origin: per-origin pools avoid httpcore's O(connections)
     scans per request and the churn of one shared pool evicting other hosts' idle connections."""
     transport = httpx.AsyncHTTPTransport(verify=ssl_context, trust_env=False, retries=0)
@@ -261,7 +277,7 @@ class Downloader:
         self._clients: dict[str, httpx.AsyncClient] = {}
         self._active: dict[str, int] = {}
         self._backend: GuardedBackend | None = None
-        self._ssl = None
+        self._ssl: ssl.SSLContext | None = None
         self._global: asyncio.Semaphore | None = None
         self._hosts: dict[str, asyncio.Semaphore] = {}
 
@@ -271,17 +287,17 @@ class Downloader:
         self._global = asyncio.Semaphore(self.cfg.concurrency)
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         clients, self._clients = self._clients, {}
         for client in clients.values():
             await client.aclose()
 
     @contextlib.asynccontextmanager
-    async def _client_for(self, url: httpx.URL):
+    async def _client_for(self, url: httpx.URL) -> AsyncIterator[httpx.AsyncClient]:
         origin = f"{url.scheme}://{url.netloc.decode('ascii')}"
         client = self._clients.get(origin)
         if client is None:
-            assert self._backend is not None
+            assert self._backend is not None and self._ssl is not None  # set by __aenter__
             client = self._clients[origin] = _make_client(self.cfg, self._ssl, self._backend)
         self._active[origin] = self._active.get(origin, 0) + 1
         try:

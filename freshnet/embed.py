@@ -30,6 +30,8 @@ import numpy as np
 from .storage import NotFound, Storage
 
 if TYPE_CHECKING:
+    import torch
+    from PIL import Image
     from torch import nn
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,7 @@ class Embeddings:
     def __len__(self) -> int:
         return len(self.shas)
 
-    def take(self, rows: Sequence[int]) -> Embeddings:
+    def take(self, rows: Sequence[int] | np.ndarray) -> Embeddings:
         rows = list(rows)
         return Embeddings(
             [self.shas[i] for i in rows],
@@ -115,8 +117,9 @@ def fold_batchnorm(model: nn.Module) -> int:
                 folded += 1
         if isinstance(m, nn.Sequential):
             for i in range(len(m) - 1):
-                if isinstance(m[i], nn.Conv2d) and isinstance(m[i + 1], nn.BatchNorm2d):
-                    m[i] = fuse_conv_bn_eval(m[i], m[i + 1])
+                c, b = m[i], m[i + 1]
+                if isinstance(c, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                    m[i] = fuse_conv_bn_eval(c, b)
                     m[i + 1] = nn.Identity()
                     folded += 1
     return folded
@@ -134,7 +137,7 @@ class Embedder:
         fold_batchnorm(self.model)
         self.model.to(memory_format=torch.channels_last)
 
-    def _tensor(self, images: Sequence) -> object:
+    def _tensor(self, images: Sequence[Image.Image]) -> torch.Tensor:
         from PIL import Image
 
         arr = np.stack(
@@ -149,17 +152,18 @@ class Embedder:
         # EfficientNet-Lite's own input normalization: (x*255 - 127) / 128.
         return ((x - 127.0) / 128.0).contiguous(memory_format=self.torch.channels_last)
 
-    def embed(self, images: Sequence) -> np.ndarray:
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Unit-length embeddings of PIL images, float32 (n, DIM)."""
         torch = self.torch
         if not images:
             return np.zeros((0, DIM), np.float32)
         with torch.inference_mode():
-            e = self.model(self._tensor(images)).flatten(1).float().numpy()
-        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            e: np.ndarray = self.model(self._tensor(images)).flatten(1).float().numpy()
+        unit: np.ndarray = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        return unit
 
 
-def thumbnail(im) -> tuple[np.ndarray, tuple[int, int]]:
+def thumbnail(im: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
     """Gray thumbnail (max side THUMB, aspect kept) padded into a THUMB x THUMB uint8 array."""
     from PIL import Image
 
@@ -175,7 +179,7 @@ def embed_bytes(
     embedder: Embedder,
     blobs: Sequence[bytes | None],
     progress: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(emb, ok, thumb, thumb_hw) of encoded images; None or undecodable blobs get ok=False."""
     from PIL import Image
 
@@ -187,10 +191,11 @@ def embed_bytes(
     for start in range(0, n, BATCH):
         images, rows = [], []
         for i in range(start, min(n, start + BATCH)):
-            if blobs[i] is None:
+            blob = blobs[i]
+            if blob is None:
                 continue
             try:
-                with Image.open(io.BytesIO(blobs[i])) as im:
+                with Image.open(io.BytesIO(blob)) as im:
                     rgb = im.convert("RGB")
                 thumbs[i], hw[i] = thumbnail(rgb)
                 images.append(rgb)
@@ -260,7 +265,12 @@ def _segment_arrays(
 
 
 def _rows(
-    shas: np.ndarray, emb: np.ndarray, thumb: np.ndarray, hw: np.ndarray, ne: np.ndarray, pick
+    shas: np.ndarray,
+    emb: np.ndarray,
+    thumb: np.ndarray,
+    hw: np.ndarray,
+    ne: np.ndarray,
+    pick: np.ndarray,
 ) -> dict[str, Row]:
     """Rows ``pick`` of a segment's arrays, in float32 of unit length, copied out of the segment
     (so the segment's arrays are freed)."""

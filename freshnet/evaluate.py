@@ -107,7 +107,7 @@ def predict_files(model_path: Path, paths: list[Path]) -> tuple[list[str], np.nd
 
 def metrics_from(
     truth: list[str], predicted: list[str], labels: list[str]
-) -> tuple[float, dict, list]:
+) -> tuple[float, dict[str, Any], list[list[int]]]:
     """Accuracy, per-class precision/recall/F1/support and the confusion matrix."""
     index = {lab: i for i, lab in enumerate(labels)}
     k = len(labels)
@@ -209,7 +209,8 @@ def mcnemar_exact(b: int, c: int) -> float:
     k = min(b, c)
     # Exact integer sum, then one division: no floating-point drift for large n.
     tail = sum(math.comb(n, i) for i in range(k + 1))
-    return min(1.0, 2 * tail / 2**n)
+    p: float = 2 * tail / 2**n
+    return min(1.0, p)
 
 
 def bootstrap_delta_ci(

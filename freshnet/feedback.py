@@ -175,7 +175,7 @@ def _s3_read(store: S3Storage, key: str, cap: int) -> bytes:
 
     try:
         resp = store._client().get_object(Bucket=store.bucket, Key=key, Range=f"bytes=0-{cap}")
-        data = resp["Body"].read(cap + 1)
+        data: bytes = resp["Body"].read(cap + 1)
     except ClientError as exc:
         code = store._code(exc)
         if code in ("NoSuchKey", "404"):
@@ -224,7 +224,7 @@ def read_stored_image(url: str, max_bytes: int) -> tuple[str, str, bytes | None]
 # ---------------------------------------------------------------- one record
 
 
-def _text(record: dict, name: str, required: bool = False) -> str | None:
+def _text(record: dict[str, Any], name: str, required: bool = False) -> str | None:
     value = record.get(name)
     if value is None and not required:
         return None
@@ -269,7 +269,9 @@ def check_record(data: bytes, item: _Listed, label: str, cfg: Config) -> None:
                 )
 
 
-def _take(box, item: _Listed, classes: dict[str, str], cfg: Config) -> Candidate:
+def _take(
+    box: _FolderBox | _S3Box | _HubBox, item: _Listed, classes: dict[str, str], cfg: Config
+) -> Candidate:
     """The candidate for one listed record, or _Skip naming what is wrong."""
     fb = cfg.feedback
     label = classes.get(item.folder)
@@ -301,7 +303,7 @@ def _floor(fid: str) -> str:
     return (when - GRACE).strftime("%Y%m%dT%H%M%S")
 
 
-def _load_cursor(store: Storage) -> tuple[dict, str | None]:
+def _load_cursor(store: Storage) -> tuple[dict[str, Any], str | None]:
     raw, token = store.read_pointer(CURSOR)
     if raw is None:
         return {"version": 1, "sources": {}}, None
@@ -316,7 +318,9 @@ def _load_cursor(store: Storage) -> tuple[dict, str | None]:
     return cursor, token
 
 
-def _read_once(cfg: Config, night: str, box, store: Storage) -> tuple[list[Candidate], list[dict]]:
+def _read_once(
+    cfg: Config, night: str, box: _FolderBox | _S3Box, store: Storage
+) -> tuple[list[Candidate], list[dict[str, Any]]]:
     """One pass: list, read what no other night read, move the cursor (compare-and-swap)."""
     fb = cfg.feedback
     classes = {c.replace("/", "_"): c for c in cfg.classes}  # the app's folder name per class
@@ -366,7 +370,7 @@ def _report(
     skipped: list[str],
     notes: list[str],
     fb: Any,
-) -> list[dict]:
+) -> list[dict[str, Any]]:
     """The night's failure lines for one feedback location (and its log lines)."""
     failures = [{"label": "", "query": "feedback", "reason": r} for r in skipped[:MAX_REPORTED]]
     if len(skipped) > MAX_REPORTED:
@@ -448,11 +452,15 @@ class _HubBox:
         self.revision: str | None = None
 
     def head(self) -> str:
-        self.revision = self.api.dataset_info(self.repo_id).sha
-        return self.revision
+        sha = self.api.dataset_info(self.repo_id).sha
+        if sha is None:  # the Hub always names a revision; a stand-in might not
+            raise HubFeedbackError(f"{self.where}: the Hub reported no revision")
+        self.revision = sha
+        return sha
 
     def tree(self, revision: str) -> dict[str, int]:
         """{path: size} of every file under feedback/ at ``revision`` (empty when none)."""
+        from huggingface_hub import RepoFile
         from huggingface_hub.errors import EntryNotFoundError
 
         try:
@@ -465,7 +473,7 @@ class _HubBox:
                     revision=revision,
                     repo_type="dataset",
                 )
-                if getattr(e, "size", None) is not None
+                if isinstance(e, RepoFile) and e.size is not None  # folders have no size
             }
         except EntryNotFoundError:  # no correction committed yet
             return {}
@@ -525,7 +533,7 @@ def _hub_records(files: dict[str, int], paths: Iterable[str]) -> list[_HubListed
 
 def _hub_read_once(
     cfg: Config, night: str, box: _HubBox, store: Storage
-) -> tuple[list[Candidate], list[dict]]:
+) -> tuple[list[Candidate], list[dict[str, Any]]]:
     """One pass over the dataset repo; moves the cursor with a compare-and-swap.
 
     The cursor is the commit the last night read up to, plus the records it left for later
@@ -586,7 +594,7 @@ def _hub_read_once(
 
 def _search_hub(
     cfg: Config, night: str, store: Storage, token: str | None, required: bool
-) -> tuple[list[Candidate], list[dict]]:
+) -> tuple[list[Candidate], list[dict[str, Any]]]:
     repo_id = hub_repo_id(cfg)
     assert repo_id is not None
     token = token or os.environ.get(TOKEN_ENV) or None
@@ -629,7 +637,7 @@ def search(
     """
     where = location(cfg)
     box = _box(where)
-    hub: tuple[list[Candidate], list[dict]] = ([], [])
+    hub: tuple[list[Candidate], list[dict[str, Any]]] = ([], [])
     if cfg.space.feedback_repo:
         store = store or open_storage(cfg.storage)
         hub = _search_hub(cfg, str(night), store, token, required)
@@ -724,8 +732,8 @@ def review(store: Storage, shas: Sequence[str] | None, accept: bool) -> list[dic
         for r in rows:
             if df.at[r, "status"] != STATUS:
                 raise FeedbackError(
-                    f"{df.at[r, 'sha256'][:12]} is not waiting for feedback review "
-                    f"(status {df.at[r, 'status']}); see 'freshnet feedback list'"
+                    f"{str(df.at[r, 'sha256'])[:12]} is not waiting for feedback review "
+                    f"(status {str(df.at[r, 'status'])}); see 'freshnet feedback list'"
                 )
         if not rows:
             return []

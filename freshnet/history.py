@@ -26,7 +26,7 @@ def _night_key(night: str) -> str:
     return f"{PREFIX}{night}.json"
 
 
-def _natural(night: str) -> tuple:
+def _natural(night: str) -> tuple[tuple[int, int, str], ...]:
     """Sort nights by their numbers: "2026-12-03" by date, test nights "2" before "10"."""
     return tuple(
         (0, int(part), "") if part.isdigit() else (1, 0, part)
@@ -35,7 +35,7 @@ def _natural(night: str) -> tuple:
     )
 
 
-def night_record(summary: dict, run: str | None = None) -> dict[str, Any]:
+def night_record(summary: dict[str, Any], run: str | None = None) -> dict[str, Any]:
     """What one night leaves in the history, from the night's summary (freshnet.summary)."""
     per_class = summary.get("per_class") or {}
     challenger = summary.get("challenger") or {}
@@ -62,7 +62,7 @@ def night_record(summary: dict, run: str | None = None) -> dict[str, Any]:
     }
 
 
-def record(store: Storage, summary: dict, run: str | None = None) -> dict[str, Any]:
+def record(store: Storage, summary: dict[str, Any], run: str | None = None) -> dict[str, Any]:
     """Write tonight's record (replacing an earlier attempt's) and return it."""
     rec = night_record(summary, run)
     store.put(_night_key(rec["night"]), json.dumps(rec, indent=1, default=str).encode())
@@ -109,7 +109,7 @@ def table_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def last_decision(store: Storage, rec: dict[str, Any] | None) -> tuple[str, dict] | None:
+def last_decision(store: Storage, rec: dict[str, Any] | None) -> tuple[str, dict[str, Any]] | None:
     """(version, stored decision) of ``rec``'s night, else the newest one (a stopped night
     decides nothing: the last decision is then an earlier night's). Versions sort by time."""
     key = (rec or {}).get("report_key") or ""

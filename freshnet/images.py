@@ -43,7 +43,8 @@ class ImageRejected(Exception):
         self.reason = reason
         self.detail = detail
 
-    def __reduce__(self):  # keep reason/detail across process-pool pickling
+    # Keep reason/detail across process-pool pickling.
+    def __reduce__(self) -> tuple[type[ImageRejected], tuple[str, str]]:
         return (ImageRejected, (self.reason, self.detail))
 
 
@@ -203,8 +204,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return im
     if mode.startswith("I;16"):
         # Integer high byte: 16-bit to 8-bit without a float copy.
-        arr = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
-        return Image.fromarray(arr, "L").convert("RGB")
+        high = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)
+        return Image.fromarray(high, "L").convert("RGB")
     if mode in ("I", "F"):
         arr = np.asarray(im)
         top = arr.max(initial=0)
@@ -229,7 +230,8 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def _orientation(im: Image.Image) -> Image.Transpose | None:
     try:
-        return _ORIENTATION.get(im.getexif().get(0x0112))
+        tag = im.getexif().get(0x0112)
+        return _ORIENTATION.get(tag) if tag is not None else None
     except Exception as exc:  # noqa: BLE001 - a broken EXIF block should not lose the image
         log.debug("ignoring broken EXIF: %s", exc)
         return None
@@ -245,7 +247,7 @@ def normalize(data: bytes, cfg: ImagesConfig) -> Normalized:
         with warnings.catch_warnings():
             # Our own cap below decides; Pillow's warning/limit must not pre-empt it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=[fmt])
+            im: Image.Image = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:
         raise ImageRejected("bomb", str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any parser failure is a bad file

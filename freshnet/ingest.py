@@ -21,7 +21,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from freshnet.config import Config, ImagesConfig
@@ -39,6 +39,13 @@ from freshnet.sources import Candidate
 from freshnet.storage import FileStorage, Storage
 
 log = logging.getLogger(__name__)
+
+
+class _Progress(Protocol):
+    """What ingest reports progress to: a tqdm bar or a _Reporting wrapper around one."""
+
+    def update(self, n: int = 1) -> object: ...
+
 
 # Below this many downloads a process pool costs more to start than it saves.
 _THREAD_POOL_BELOW = 24
@@ -59,17 +66,17 @@ class Outcome:
     height: int | None = None
     stored: bool = False  # True if this run wrote the image (False: it was already stored)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> Outcome:
+    def from_dict(cls, d: dict[str, Any]) -> Outcome:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def count_outcomes(outcomes: list[Outcome]) -> dict[str, dict[str, int]]:
     """{label: {status: count}} with statuses sorted, accepted first."""
-    per: dict[str, Counter] = {}
+    per: dict[str, Counter[str]] = {}
     for o in outcomes:
         per.setdefault(o.label, Counter())[o.status] += 1
     out = {}
@@ -111,7 +118,7 @@ class _DecodeBudget:
     def __init__(self, total: int):
         self.total = total
         self.used = 0
-        self.waiters: deque[tuple[int, asyncio.Future]] = deque()
+        self.waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
 
     async def acquire(self, n: int) -> int:
         if n > self.total or n <= 0:
@@ -119,7 +126,7 @@ class _DecodeBudget:
         if not self.waiters and self.used + n <= self.total:
             self.used += n
             return n
-        fut = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (n, fut)
         self.waiters.append(entry)
         try:
@@ -207,12 +214,12 @@ class _Pool:
 
 
 async def _ingest_async(
-    candidates: list[Candidate], cfg: Config, store: Storage, bar
+    candidates: list[Candidate], cfg: Config, store: Storage, bar: _Progress
 ) -> list[Outcome]:
     n = len(candidates)
     outcomes: list[Outcome | None] = [None] * n
 
-    def done(i: int, status: str, detail: str = "", **kw) -> None:
+    def done(i: int, status: str, detail: str = "", **kw: Any) -> None:
         c = candidates[i]
         outcomes[i] = Outcome(c.label, c.url, c.query, c.source, status, detail, **kw)
         bar.update(1)

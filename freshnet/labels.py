@@ -25,6 +25,7 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -39,11 +40,11 @@ class LabelCheck:
     """What one check found; ``issues`` are dicts ready for the summary and the quarantine note."""
 
     checked: int
-    issues: list[dict] = field(default_factory=list)
+    issues: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # fallbacks and skips, each with its reason
     sources: dict[str, int] = field(default_factory=dict)  # rows per probability source
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -125,7 +126,7 @@ def _logistic(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, k: i
 
 
 def cross_validated_probs(
-    x: np.ndarray, y: np.ndarray, groups: Sequence[str], k: int, folds: int, seed: int
+    x: np.ndarray, y: np.ndarray, groups: np.ndarray, k: int, folds: int, seed: int
 ) -> np.ndarray:
     """Out-of-fold probabilities; near-duplicate groups never straddle two folds."""
     from sklearn.model_selection import StratifiedGroupKFold
@@ -172,8 +173,8 @@ def out_of_sample_probs(
         notes.append("fewer than 2 classes with enough images: label check skipped")
         return probs, np.zeros(len(y), bool), sources, notes
     rows = np.flatnonzero(judged)
-    groups = np.asarray(groups)
-    cv = cross_validated_probs(features[rows], y[rows], groups[rows], k, folds, seed)
+    group_of = np.asarray(groups)
+    cv = cross_validated_probs(features[rows], y[rows], group_of[rows], k, folds, seed)
     probs[rows] = cv
     sources["cross-validation"] = len(rows)
     old, new = rows[~is_new[rows]], rows[is_new[rows]]
@@ -201,7 +202,7 @@ def find_issues(
     filter_by: str,
     max_fraction: float,
     chance_fraction: float = 1.0,
-) -> tuple[list[dict], list[str]]:
+) -> tuple[list[dict[str, Any]], list[str]]:
     """cleanlab's label issues among the judged rows, at most ``max_fraction`` of any class.
 
     A flagged label must also have an out-of-sample probability below ``chance_fraction`` / k
@@ -220,7 +221,7 @@ def find_issues(
     if len(rows) == 0:
         return [], notes
     index = {c: i for i, c in enumerate(classes)}
-    y = np.array([index[labels[r]] for r in rows])
+    y = np.array([index[labels[int(r)]] for r in rows])
     p = probs[rows]
     p = p / p.sum(axis=1, keepdims=True)
     # cleanlab needs every class present among the given labels: keep the columns that are.

@@ -42,8 +42,8 @@ class Entry:
     version: str
     kind: str  # promote | rollback | manual
     dataset: str
-    metrics: dict
-    decision: dict
+    metrics: dict[str, Any]
+    decision: dict[str, Any]
     commit: str
     time: str
     model_key: str
@@ -52,7 +52,7 @@ class Entry:
     reason: str = ""
     parent_commit: str = ""  # the Space head this commit was built on
     intent: str = ""  # the publish intent that made the commit (its id is in the commit message)
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict[str, Any])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -180,13 +180,13 @@ class Ledger:
 
     # ---- the publish intent ---------------------------------------------------------------
 
-    def intent(self) -> tuple[dict | None, str | None]:
+    def intent(self) -> tuple[dict[str, Any] | None, str | None]:
         """The pending publish intent (None when none) and the pointer's version token."""
         data, token = self.store.read_pointer(INTENT)
         intent = json.loads(data) if data else None
         return (intent if intent and intent.get("id") else None), token
 
-    def begin_intent(self, intent: dict, expected: str | None) -> None:
+    def begin_intent(self, intent: dict[str, Any], expected: str | None) -> None:
         """Record ``intent`` before the Space commit; ``expected`` is the token intent() gave."""
         body = json.dumps(intent, sort_keys=True, default=str).encode()
         if not self.store.swap_pointer(INTENT, body, expected):

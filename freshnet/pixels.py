@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import numpy as np
+    import numpy.typing as npt
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class PixelCacheError(RuntimeError):
     """An image cannot be cached (missing, undecodable, or its bytes do not match its sha256)."""
 
 
-def _index_dtype():
+def _index_dtype() -> np.dtype[np.void]:
     import numpy as np
 
     return np.dtype([("sha", "S32"), ("row", "<i8"), ("crc", "<u4"), ("src_size", "<i8")])
@@ -81,7 +82,7 @@ def decode_row(data: bytes, size: int, method: ResizeMethod) -> np.ndarray:
         arr = np.asarray(img.resize((nw, nh), Image.Resampling.BILINEAR))
         top, left = (size - nh) // 2, (size - nw) // 2
         # Reflection padding, as fastai's Resize(method='pad') defaults to.
-        mode = "reflect" if min(nh, nw) > 1 else "edge"
+        mode: Literal["reflect", "edge"] = "reflect" if min(nh, nw) > 1 else "edge"
         arr = np.pad(arr, ((top, size - nh - top), (left, size - nw - left), (0, 0)), mode=mode)
         return np.ascontiguousarray(arr, dtype=np.uint8)
     return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
@@ -127,7 +128,7 @@ class PixelCache:
         if not path.exists():
             return np.zeros(0, dtype=_index_dtype())
         try:
-            index = np.load(path, allow_pickle=False)
+            index: np.ndarray = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             # Written by os.replace, so only outside damage gets here: start over, losing no data
             # that is not in storage anyway.
@@ -182,7 +183,7 @@ class PixelCache:
             raise PixelCacheError(f"image {sha} at {path} cannot be decoded: {exc}") from None
 
     def update(
-        self, shas: Iterable[str], path_for, workers: int | None = None
+        self, shas: Iterable[str], path_for: Callable[[str], Path], workers: int | None = None
     ) -> tuple[np.ndarray, UpdateStats]:
         """Make sure every sha has a valid row; return their row numbers (in order) and stats.
 
@@ -213,7 +214,7 @@ class PixelCache:
             # zlib releases the GIL on large buffers: checking 100k rows takes seconds, not 15 s.
             rows_held = [int(index[i]["row"]) for _, i in held]
             with ThreadPoolExecutor(max_workers=n_workers) as pool:
-                crcs = list(pool.map(lambda r: zlib.crc32(arr[r]), rows_held))
+                crcs = list(pool.map(lambda r: zlib.crc32(arr[r].data), rows_held))
             bad: set[int] = set()
             for (sha, i), crc in zip(held, crcs, strict=True):
                 if crc == int(index[i]["crc"]):
@@ -242,7 +243,15 @@ class PixelCache:
         )
         return np.array([where[s] for s in shas], dtype=np.int64), stats
 
-    def _append(self, index, n_rows: int, todo: list[str], path_for, workers, bad: set[int]):
+    def _append(
+        self,
+        index: np.ndarray,
+        n_rows: int,
+        todo: list[str],
+        path_for: Callable[[str], Path],
+        workers: int | None,
+        bad: set[int],
+    ) -> np.ndarray:
         import numpy as np
 
         rows_path = self.dir / ROWS_FILE
@@ -258,7 +267,7 @@ class PixelCache:
             decoded = pool.map(lambda s: self._decode(s, path_for(s)), todo)
             for k, (sha, (pixels, src_size)) in enumerate(zip(todo, decoded, strict=True)):
                 f.write(pixels.tobytes())
-                new[k] = (bytes.fromhex(sha), n_rows + k, zlib.crc32(pixels), src_size)
+                new[k] = (bytes.fromhex(sha), n_rows + k, zlib.crc32(pixels.data), src_size)
             f.flush()
             os.fsync(f.fileno())
         keep = np.ones(len(index), dtype=bool)
@@ -291,7 +300,7 @@ class CachedImages:
     def __getitem__(self, i: int) -> int:
         return int(i)
 
-    def gather(self, idxs) -> tuple[np.ndarray, np.ndarray]:
+    def gather(self, idxs: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """Pixels (B x H x W x 3 uint8) and labels of items ``idxs``."""
         import numpy as np
 

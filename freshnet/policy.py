@@ -48,7 +48,7 @@ def not_run(name: str, threshold: Any, detail: str) -> Rule:
 
 def rule_status(rule: dict[str, Any]) -> str:
     """pass / fail / not run of a rule stored as a dict (older dicts carry only ``passed``)."""
-    status = rule.get("status")
+    status: str | None = rule.get("status")
     if status in STATUSES:
         return status
     return PASS if rule.get("passed") else FAIL
@@ -133,7 +133,7 @@ def decide(
     ]
     notes: list[str] = []
     first_run = champion is None
-    if first_run:
+    if champion is None:  # first run (tested directly so the type checker narrows champion)
         rules.append(
             Rule(
                 "first_run",

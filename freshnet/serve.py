@@ -32,6 +32,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from freshnet.space import HfPublisher, PublishError, _git, publisher_for, space_head
 
@@ -58,7 +59,7 @@ class Backend:
     commit: str
     folder: Path
     port: int
-    proc: subprocess.Popen
+    proc: subprocess.Popen[bytes]
     started: float = field(default_factory=time.monotonic)
     retired: bool = False  # no new sessions; stopped once drained
     inflight: int = 0  # requests the front has routed here that have not finished
@@ -146,7 +147,7 @@ class Front:
             alive = known is not None and known.proc.poll() is None
             if kind == "join":
                 # A join rides an already open result stream (the client opens one per session).
-                if alive and known.streams.get(session):
+                if alive and known is not None and session and known.streams.get(session):
                     chosen = known
                 if chosen is not None and session:
                     self.sessions[session] = chosen
@@ -325,7 +326,7 @@ class SpaceRunner:
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="freshnet-serve-"))
         self.commit: str | None = None
         self.backend: Backend | None = None
-        self.deploys: list[dict] = []  # timings of each deploy (also logged)
+        self.deploys: list[dict[str, Any]] = []  # timings of each deploy (also logged)
         self._starting: Backend | None = None
         self._stop = threading.Event()
         self._closed = False
@@ -335,7 +336,7 @@ class SpaceRunner:
         return f"http://{self.host}:{self.port}/"
 
     @property
-    def proc(self) -> subprocess.Popen | None:
+    def proc(self) -> subprocess.Popen[bytes] | None:
         return self.backend.proc if self.backend else None
 
     def checkout(self, commit: str) -> Path:
@@ -422,7 +423,7 @@ class SpaceRunner:
         folder = self.checkout(commit)
         checkout_s = time.monotonic() - t0
         old = self.backend
-        record: dict = {"commit": commit[:12], "checkout_s": round(checkout_s, 2)}
+        record: dict[str, Any] = {"commit": commit[:12], "checkout_s": round(checkout_s, 2)}
         if self.front is None and old is not None:
             # The app binds the user port itself: the old one must go first (a gap).
             _stop_proc(old.proc)
@@ -462,7 +463,7 @@ class SpaceRunner:
             ", ".join(f"{k}={v}" for k, v in record.items() if k != "commit"),
         )
 
-    def _drain(self, old: Backend) -> dict:
+    def _drain(self, old: Backend) -> dict[str, Any]:
         """Stop ``old`` once the requests and Gradio sessions it holds are done (at most drain_s)."""
         t = time.monotonic()
         deadline = t + self.drain_s
@@ -537,18 +538,20 @@ def _predict(url: str, image: Path) -> None:
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status < 500
+            answered: bool = resp.status < 500
+            return answered
     except (urllib.error.URLError, OSError):
         return False
 
 
-def _stop_proc(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
+def _stop_proc(proc: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
     """SIGTERM the app's whole process group (it leads its own, see _spawn); SIGKILL whatever
     is left after ``timeout_s``, children included."""
     _signal_group(proc, signal.SIGTERM)
@@ -564,7 +567,7 @@ def _stop_proc(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
         proc.wait()
 
 
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:

@@ -35,15 +35,15 @@ class Candidate:
 @dataclass
 class SearchReport:
     candidates: list[Candidate]
-    failures: list[dict] = field(default_factory=list)  # {"label", "query", "reason"}
+    failures: list[dict[str, Any]] = field(default_factory=list)  # {"label", "query", "reason"}
     failed_classes: list[str] = field(default_factory=list)
     # The search breaker's pauses, resumes and give-up (SearchBreaker), in order.
-    events: list[dict] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
     gave_up: str | None = None  # why the night's search stopped early, when it did
     # Per query with results tonight: {"results": n} (the next nights' history).
-    history: dict[str, dict] = field(default_factory=dict)
+    history: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "candidates": [asdict(c) for c in self.candidates],
             "failures": list(self.failures),
@@ -55,7 +55,7 @@ class SearchReport:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> SearchReport:
+    def from_dict(cls, d: dict[str, Any]) -> SearchReport:
         return cls(
             candidates=[Candidate(**c) for c in d.get("candidates", [])],
             failures=list(d.get("failures", [])),
@@ -77,7 +77,7 @@ def search(
     night: str,
     *,
     ddgs_factory: Callable[[], Any] | None = None,
-    history: Mapping[str, dict] | None = None,
+    history: Mapping[str, dict[str, Any]] | None = None,
 ) -> SearchReport:
     """Candidates for every class of ``cfg`` on ``night``, from the web-like cfg.source.kind.
 
@@ -104,7 +104,9 @@ def search(
     return report
 
 
-def _finish(cfg: Config, candidates: list[Candidate], failures: list[dict]) -> SearchReport:
+def _finish(
+    cfg: Config, candidates: list[Candidate], failures: list[dict[str, Any]]
+) -> SearchReport:
     found = {c.label for c in candidates}
     failed = [label for label in cfg.classes if label not in found]
     for label in failed:
@@ -126,12 +128,12 @@ def search_demo(cfg: Config, night: str) -> SearchReport:
 
     base = ensure_server(cfg)
     candidates: list[Candidate] = []
-    failures: list[dict] = []
+    failures: list[dict[str, Any]] = []
     with httpx.Client(trust_env=False, timeout=30.0) as client:
         for label in cfg.classes:
             for template in cfg.queries:
                 query = template.format(label=label)
-                params = {
+                params: dict[str, str | int] = {
                     "q": query,
                     "night": str(night),
                     "n": cfg.source.demo_per_query,
@@ -155,57 +157,74 @@ def search_demo(cfg: Config, night: str) -> SearchReport:
 # ---------------------------------------------------------------- urls file
 
 
+def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) per non-blank JSONL line; a line that is no JSON object raises."""
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from None
+        if not isinstance(obj, dict):
+            raise SourceError(
+                f"{path}:{lineno}: expected an object with label and url, got {type(obj).__name__}"
+            )
+        rows.append((lineno, obj))
+    return rows
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) per non-blank CSV row; header names are matched case-insensitively."""
+    reader = csv.DictReader(text.splitlines())
+    header = [h.strip().lower() for h in (reader.fieldnames or [])]
+    if "label" not in header or "url" not in header:
+        raise SourceError(
+            f"{path}:1: CSV header must name the columns label,url (got {reader.fieldnames})"
+        )
+    reader.fieldnames = header
+    rows: list[tuple[int, dict[str, Any]]] = []
+    for lineno, row in enumerate(reader, start=2):
+        if None in row:
+            raise SourceError(f"{path}:{lineno}: more fields than the header names")
+        if not any((v or "").strip() for v in row.values()):
+            continue
+        rows.append((lineno, row))
+    return rows
+
+
+def _url_candidate(
+    path: Path, lineno: int, row: dict[str, Any], classes: list[str] | None
+) -> Candidate:
+    """One row as a Candidate; the error names the file, the line and what is wrong."""
+    label = str(row.get("label") or "").strip()
+    url = str(row.get("url") or "").strip()
+    if not label:
+        raise SourceError(f"{path}:{lineno}: missing label")
+    if not url:
+        raise SourceError(f"{path}:{lineno}: missing url")
+    if "://" not in url:
+        raise SourceError(f"{path}:{lineno}: url {url!r} is not an absolute URL")
+    if classes is not None and label not in classes:
+        raise SourceError(
+            f"{path}:{lineno}: label {label!r} is not one of the configured classes {classes}"
+        )
+    query = str(row.get("query") or f"urls:{path.name}")
+    return Candidate(label, url, query, "urls")
+
+
 def read_urls_file(path: str | Path, classes: list[str] | None = None) -> list[Candidate]:
     """Rows of a CSV (header label,url[,query]) or JSONL ({"label","url"}) file; bad rows raise SourceError."""
     path = Path(path)
     if not path.is_file():
         raise SourceError(f"{path}: urls file not found")
     text = path.read_text(encoding="utf-8-sig")
-    rows: list[tuple[int, dict]] = []
     if path.suffix.lower() in (".jsonl", ".ndjson", ".json"):
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SourceError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from None
-            if not isinstance(obj, dict):
-                raise SourceError(
-                    f"{path}:{lineno}: expected an object with label and url, got {type(obj).__name__}"
-                )
-            rows.append((lineno, obj))
+        rows = _jsonl_rows(path, text)
     else:
-        reader = csv.DictReader(text.splitlines())
-        header = [h.strip().lower() for h in (reader.fieldnames or [])]
-        if "label" not in header or "url" not in header:
-            raise SourceError(
-                f"{path}:1: CSV header must name the columns label,url (got {reader.fieldnames})"
-            )
-        reader.fieldnames = header
-        for lineno, row in enumerate(reader, start=2):
-            if None in row:
-                raise SourceError(f"{path}:{lineno}: more fields than the header names")
-            if not any((v or "").strip() for v in row.values()):
-                continue
-            rows.append((lineno, row))
-    out = []
-    for lineno, row in rows:
-        label = str(row.get("label") or "").strip()
-        url = str(row.get("url") or "").strip()
-        if not label:
-            raise SourceError(f"{path}:{lineno}: missing label")
-        if not url:
-            raise SourceError(f"{path}:{lineno}: missing url")
-        if "://" not in url:
-            raise SourceError(f"{path}:{lineno}: url {url!r} is not an absolute URL")
-        if classes is not None and label not in classes:
-            raise SourceError(
-                f"{path}:{lineno}: label {label!r} is not one of the configured classes {classes}"
-            )
-        query = str(row.get("query") or f"urls:{path.name}")
-        out.append(Candidate(label, url, query, "urls"))
-    return out
+        rows = _csv_rows(path, text)
+    return [_url_candidate(path, lineno, row, classes) for lineno, row in rows]
 
 
 def search_urls(cfg: Config) -> SearchReport:
@@ -223,7 +242,7 @@ def search_folder(cfg: Config) -> SearchReport:
     if not root.is_dir():
         raise SourceError(f"{root}: folder source root is not a directory")
     candidates: list[Candidate] = []
-    failures: list[dict] = []
+    failures: list[dict[str, Any]] = []
     for label in cfg.classes:
         folder = root / label
         if not folder.is_dir():
@@ -256,7 +275,7 @@ def _default_ddgs_factory(timeout: int, proxy: str | None) -> Callable[[], Image
     return make
 
 
-def load_search_history(store: Any) -> dict[str, dict]:
+def load_search_history(store: Any) -> dict[str, dict[str, Any]]:
     """What earlier nights found per query ({} before the first DuckDuckGo night)."""
     if not store.exists(HISTORY_KEY):
         return {}
@@ -315,7 +334,7 @@ class SearchBreaker:
         self.last_call: float | None = None
         self.calls = 0
         self.paused_s = 0.0
-        self.events: list[dict] = []
+        self.events: list[dict[str, Any]] = []
         self.gave_up: str | None = None
 
     def elapsed(self) -> float:
@@ -403,7 +422,7 @@ class DuckDuckGoSource:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
-        history: Mapping[str, dict] | None = None,
+        history: Mapping[str, dict[str, Any]] | None = None,
     ):
         self.cfg = cfg
         self.src = cfg.source
@@ -536,14 +555,14 @@ class DuckDuckGoSource:
 
     def search(self) -> SearchReport:
         candidates: list[Candidate] = []
-        failures: list[dict] = []
-        history: dict[str, dict] = {}
+        failures: list[dict[str, Any]] = []
+        history: dict[str, dict[str, Any]] = {}
         for label in self.cfg.classes:
             for template in self.cfg.queries:
                 query = template.format(label=label)
                 if self.breaker.gave_up:
-                    reason = f"not searched: search gave up ({self.breaker.gave_up})"
-                    failures.append({"label": label, "query": query, "reason": reason})
+                    skipped = f"not searched: search gave up ({self.breaker.gave_up})"
+                    failures.append({"label": label, "query": query, "reason": skipped})
                     continue
                 found, reason = self.search_query(label, query)
                 if reason:

@@ -13,11 +13,16 @@ import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from freshnet.config import SpaceConfig
 from freshnet.redact import redact
 from freshnet.storage import sha256_file
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+    from freshnet.ledger import Entry
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +124,7 @@ def render_readme(meta: dict[str, Any], space: SpaceConfig) -> str:
 
 
 def build_bundle(
-    model_path: Path, meta: dict, examples: list[Path], out_dir: Path, space: SpaceConfig
+    model_path: Path, meta: dict[str, Any], examples: list[Path], out_dir: Path, space: SpaceConfig
 ) -> Path:
     """Assemble the Space folder: app.py, requirements.txt, README.md, model.pkl, metadata.json, examples/."""
     model_path = Path(model_path)
@@ -183,12 +188,12 @@ def bundle_files(bundle: Path) -> list[str]:
 class BundleCheck:
     ok: bool
     reason: str
-    predictions: list[dict] = field(default_factory=list)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
     latency_s: float = 0.0  # slowest single canary prediction in the clean process
     load_s: float = 0.0
     sys_path: list[str] = field(default_factory=list)  # what the clean process could import from
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -271,7 +276,7 @@ def validate_bundle(
 
 
 def judge_canaries(
-    canaries: list[tuple[Path, str]], predictions: list[dict], latency_budget_s: float
+    canaries: list[tuple[Path, str]], predictions: list[dict[str, Any]], latency_budget_s: float
 ) -> tuple[bool, str]:
     """Same labels as in-process evaluation, each canary within the latency budget."""
     if len(predictions) != len(canaries):
@@ -294,7 +299,9 @@ def judge_canaries(
 # --------------------------------------------------------------------------- publishers
 
 
-def _git(*args: str, cwd: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def _git(
+    *args: str, cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **GIT_AUTHOR, "GIT_TERMINAL_PROMPT": "0"}
     proc = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
     if check and proc.returncode != 0:
@@ -434,7 +441,7 @@ class HfPublisher:
     def __repr__(self) -> str:
         return f"HfPublisher({self.repo_id!r}, endpoint={self.endpoint!r})"
 
-    def _api(self):
+    def _api(self) -> HfApi:
         from huggingface_hub import HfApi
 
         return HfApi(endpoint=self.endpoint, token=self._token)
@@ -571,7 +578,7 @@ def wait_space(
     token: str | None = None,
     canary: Path | None = None,
     app_url: str | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """hf targets: wait for the runtime to reach RUNNING; then, with ``canary``, one prediction.
 
     The canary goes to ``app_url`` (a served app) or, for hf targets, to the Space itself through
@@ -612,7 +619,7 @@ class Release:
 
 def _bundle_inputs_from_space(
     target: str, commit: str, dest: Path, token: str | None = None
-) -> tuple[dict, list[Path]]:
+) -> tuple[dict[str, Any], list[Path]]:
     """metadata.json and examples/ of the bundle published as ``commit`` (to rebuild it)."""
     dest.mkdir(parents=True, exist_ok=True)
     pub = publisher_for(target, token)
@@ -645,7 +652,7 @@ def _bundle_inputs_from_space(
     return meta, examples
 
 
-def rollback_version(history: list[Any], served: Any, version: str | None) -> str:
+def rollback_version(history: list[Entry], served: Entry | None, version: str | None) -> str:
     """The version a rollback restores: ``version``, or the one before what the Space serves.
 
     ``served`` is the ledger entry whose commit is the Space's head (not the newest entry).

@@ -18,11 +18,13 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class NotFound(KeyError):
@@ -260,7 +262,7 @@ class FileStorage(Storage):
 
     @staticmethod
     def _drop_old_temp(
-        entry: os.DirEntry, cutoff: float, removed: int, freed: int
+        entry: os.DirEntry[str], cutoff: float, removed: int, freed: int
     ) -> tuple[int, int]:
         if not entry.name.endswith(".tmp"):
             return removed, freed
@@ -308,7 +310,7 @@ class FileStorage(Storage):
         return self._path(key).is_file()
 
     @staticmethod
-    def _walk(top: Path | str) -> Iterator[os.DirEntry]:
+    def _walk(top: Path | str) -> Iterator[os.DirEntry[str]]:
         """Every non-folder entry below ``top`` (hidden names too), without following links."""
         stack = [str(top)]
         while stack:
@@ -423,7 +425,7 @@ def _s3_endpoint_from_env() -> str | None:
     return None
 
 
-_CLIENTS: dict[tuple, Any] = {}
+_CLIENTS: dict[tuple[object, ...], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
@@ -568,7 +570,7 @@ class S3Storage(Storage):
             # Connection refused, timeouts, no credentials, bad endpoint URL, ...
             raise StorageError(f"s3 storage: {op} {key!r} failed, {self._where}: {exc}") from exc
 
-    def _retry_conflicts(self, attempt: Any) -> Any:
+    def _retry_conflicts(self, attempt: Callable[[], T]) -> T:
         """Call ``attempt()``; repeat while S3 reports a concurrent conditional write (409)."""
         from botocore.exceptions import ClientError
 
@@ -591,7 +593,8 @@ class S3Storage(Storage):
         k = self._key(key)
         try:
             resp = self._call("get", key, self._client().get_object, Key=k)
-            return resp["Body"].read()
+            body: bytes = resp["Body"].read()
+            return body
         except ClientError as exc:
             if self._code(exc) in _MISSING:
                 raise NotFound(key) from None
@@ -758,11 +761,12 @@ class S3Storage(Storage):
         client = boto3.session.Session().client(
             "s3", endpoint_url=public, region_name=self.region, config=conf
         )
-        return client.generate_presigned_url(
+        url: str = client.generate_presigned_url(
             "get_object",
             Params={"Bucket": self.bucket, "Key": self._key(key)},
             ExpiresIn=max(1, min(int(expires_s), 7 * 24 * 3600)),
         )
+        return url
 
     def ensure_bucket(self) -> bool:
         """Create the bucket if missing (idempotent); True if this call created it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from freshnet.config import Config
@@ -17,12 +18,12 @@ def today(timezone: str, at: datetime | None = None) -> str:
 def start(
     cfg: Config,
     night: str,
-    searched: dict,
-    ingested: dict,
-    curated: dict,
-    snap: dict,
-    checked: dict | None = None,
-) -> dict:
+    searched: dict[str, Any],
+    ingested: dict[str, Any],
+    curated: dict[str, Any],
+    snap: dict[str, Any],
+    checked: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     per_class = {}
     for label in cfg.classes:
         counts = ingested["counts"].get(label, {})
@@ -89,7 +90,7 @@ def yield_problems(
     return problems
 
 
-def search_event_lines(events: list[dict]) -> list[str]:
+def search_event_lines(events: list[dict[str, Any]]) -> list[str]:
     """The search breaker's pauses, resumes and give-up, one line each (none on a quiet night)."""
     lines = []
     pauses = [e for e in events if e.get("event") == "pause"]
@@ -109,20 +110,20 @@ def search_event_lines(events: list[dict]) -> list[str]:
     return lines
 
 
-def stop(report: dict, reason: str) -> dict:
+def stop(report: dict[str, Any], reason: str) -> dict[str, Any]:
     return {**report, "outcome": "stopped", "reasons": [reason]}
 
 
 def finish(
-    report: dict,
+    report: dict[str, Any],
     version: str,
-    trained: dict,
-    challenger: dict,
-    defending: dict | None,
-    champion: dict | None,
-    decided: dict,
-    entry: dict | None,
-) -> dict:
+    trained: dict[str, Any],
+    challenger: dict[str, Any],
+    defending: dict[str, Any] | None,
+    champion: dict[str, Any] | None,
+    decided: dict[str, Any],
+    entry: dict[str, Any] | None,
+) -> dict[str, Any]:
     decision = decided["decision"]
     return {
         **report,
@@ -158,7 +159,7 @@ def finish(
     }
 
 
-def format_summary(s: dict) -> str:
+def format_summary(s: dict[str, Any]) -> str:
     """A fixed-width table a person can read in a terminal."""
     lines = [f"freshnet — {s['config']} — night {s['night']} — snapshot {s['snapshot']}", ""]
     head = f"{'class':<18}{'found':>7}{'new':>6}{'dup':>6}{'near':>6}{'quar':>6}{'train':>7}{'hold':>6}  rejected"
@@ -240,7 +241,7 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
-def ending(s: dict) -> str:
+def ending(s: dict[str, Any]) -> str:
     """One line: how the night ended and why (the flow run's state message in the Prefect UI)."""
     if s["outcome"] == "stopped":
         text = "; ".join(s.get("reasons") or ["stopped"])
@@ -261,7 +262,7 @@ def ending(s: dict) -> str:
     return text
 
 
-def outcome_markdown(s: dict) -> str:
+def outcome_markdown(s: dict[str, Any]) -> str:
     """The night's outcome for the Prefect UI: how it ended, why, and the summary table."""
     title = "DEGRADED — " if s.get("yield_problems") else ""
     lines = [
@@ -291,7 +292,7 @@ def outcome_markdown(s: dict) -> str:
     return "\n".join(lines)
 
 
-def _status(rule: dict) -> str:
+def _status(rule: dict[str, Any]) -> str:
     """A rule's word in the summary: pass, FAIL (loud), or not run (never read as a pass)."""
     from freshnet.policy import rule_status
 

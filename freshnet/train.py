@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -177,7 +177,7 @@ def frame_for(manifest: pd.DataFrame, image_dir: Path) -> pd.DataFrame:
     return pd.DataFrame({PATH_COL: paths, LABEL_COL: manifest[LABEL_COL].astype(str).tolist()})
 
 
-def build_dls(df: pd.DataFrame, cfg: TrainConfig, device: torch.device, vocab: list[str]):
+def build_dls(df: pd.DataFrame, cfg: TrainConfig, device: torch.device, vocab: list[str]) -> Any:
     """fastai DataLoaders; ``df`` has path, label and is_valid columns."""
     from fastai.vision.all import (
         CategoryBlock,
@@ -226,7 +226,7 @@ def pixel_cache_size(cfg: TrainConfig) -> int:
     return cfg.image_size
 
 
-def _cached_loader_cls():
+def _cached_loader_cls() -> Any:
     """A fastai DataLoader that gathers whole batches of rows from the pixel cache at once."""
     import torch
     from fastai.data.load import DataLoader
@@ -234,7 +234,7 @@ def _cached_loader_cls():
     from fastcore.basics import chunked
 
     class CachedImageDL(DataLoader):
-        def create_batches(self, samps):
+        def create_batches(self, samps: Any) -> Iterator[tuple[Any, Any]]:
             for idxs in chunked(samps, self.bs, self.drop_last):
                 x, y = self.dataset.gather(idxs)
                 # NHWC memory viewed as NCHW: the channels-last layout the model trains in.
@@ -254,7 +254,7 @@ def build_cached_dls(
     cfg: TrainConfig,
     device: torch.device,
     vocab: list[str],
-):
+) -> Any:
     """DataLoaders over the pixel cache (extended with tonight's new images first).
 
     Decoding and resizing happened once, when a row was added; the loader only gathers uint8
@@ -325,7 +325,7 @@ def torchvision_weights_file(arch: str) -> Path:
     import torchvision
 
     weights = torchvision.models.get_model_weights(arch).DEFAULT
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(str(weights.url))
 
 
 def _check_torchvision_weights(arch: str) -> None:
@@ -342,7 +342,7 @@ def _check_torchvision_weights(arch: str) -> None:
     )
 
 
-def build_learner(dls, cfg: TrainConfig, pretrained: bool):
+def build_learner(dls: Any, cfg: TrainConfig, pretrained: bool) -> Any:
     """A fastai Learner whose pickled form needs only fastai/torch/efficientnet_lite_pytorch."""
     import torchvision
     from fastai.vision.all import (
@@ -384,7 +384,9 @@ def build_learner(dls, cfg: TrainConfig, pretrained: bool):
     return learn
 
 
-def _champion_state(init_from: Path, arch: str, vocab: list[str]) -> tuple[dict | None, str]:
+def _champion_state(
+    init_from: Path, arch: str, vocab: list[str]
+) -> tuple[dict[str, Any] | None, str]:
     """The champion's weights when its classes and architecture match, else (None, reason)."""
     from fastai.learner import load_learner
 
@@ -401,7 +403,7 @@ def _champion_state(init_from: Path, arch: str, vocab: list[str]) -> tuple[dict 
     return champ.model.state_dict(), "warm start from champion"
 
 
-def _frozen_bn_callback():
+def _frozen_bn_callback() -> Any:
     """A callback keeping the body's BatchNorm layers on their pretrained statistics while training.
 
     Batch statistics of a few hundred small-batch images are noisy; the head is then trained on
@@ -425,7 +427,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "n/a"
 
 
-def _epoch_callback(total: int, progress: Callable[[float, int], None] | None):
+def _epoch_callback(total: int, progress: Callable[[float, int], None] | None) -> Any:
     """A callback logging one line per epoch as it ends, and reporting ``progress(epochs, total)``
     (fractional within an epoch).
 
@@ -474,7 +476,7 @@ class _SeededRandom(random.Random):
 
 
 @contextmanager
-def seeded(seed: int):
+def seeded(seed: int) -> Iterator[None]:
     """Seed random, numpy and torch, and give fastai its own seeded ``random`` while training.
 
     fastai draws every augmentation (and each DataLoader's shuffling seed) from the process-wide
@@ -500,6 +502,127 @@ def seeded(seed: int):
             m.random = r
 
 
+def _check_train_rows(manifest_train: pd.DataFrame, cfg: TrainConfig) -> list[str]:
+    """The class vocabulary; raises TrainError before any work when the rows cannot be trained on."""
+    if cfg.arch not in ARCHS:
+        raise TrainError(f"train.arch={cfg.arch!r} is unknown; known: {sorted(ARCHS)}")
+    if "split" in manifest_train.columns and (manifest_train["split"] != "train").any():
+        raise TrainError(
+            "train_model got non-train rows (split != 'train'); the holdout is never trained on"
+        )
+    if len(manifest_train) == 0:
+        raise TrainError("no training rows")
+    vocab = sorted(manifest_train[LABEL_COL].astype(str).unique())
+    if len(vocab) < 2:
+        raise TrainError(f"need at least 2 classes to train, got {vocab}")
+    return vocab
+
+
+def _dataloaders(
+    manifest_train: pd.DataFrame,
+    df: pd.DataFrame,
+    image_dir: Path,
+    cache_dir: Path | None,
+    cfg: TrainConfig,
+    device: torch.device,
+    vocab: list[str],
+) -> Any:
+    """fastai DataLoaders from the decoded-image cache (``train.loader = "cache"``) or the files."""
+    if cfg.loader == "cache":
+        root = Path(cache_dir) if cache_dir is not None else Path(image_dir).parent / "pixels"
+        return build_cached_dls(
+            manifest_train, df[VALID_COL].tolist(), image_dir, root, cfg, device, vocab
+        )
+    return build_dls(df, cfg, device, vocab)
+
+
+def _choose_init(
+    cfg: TrainConfig, init_from: Path | None, vocab: list[str]
+) -> tuple[str, str, dict[str, Any] | None]:
+    """(init used, why it differs from ``cfg.init``, champion weights or None).
+
+    A champion that is missing or does not fit (architecture, classes) is not an error: the
+    night still trains, from ImageNet, and the note says why.
+    """
+    init, note, state = cfg.init, "", None
+    if init != "champion":
+        return init, note, state
+    if init_from is None:
+        init, note = "imagenet", "no champion model given; falling back to imagenet"
+    else:
+        state, note = _champion_state(Path(init_from), cfg.arch, vocab)
+        if state is None:
+            init = "imagenet"
+            note += "; falling back to imagenet"
+    if init == "imagenet":
+        log.warning("init=champion not used: %s", note)
+    return init, note, state
+
+
+def _set_precision(learn: Any, cfg: TrainConfig, device: torch.device) -> str:
+    """Memory layout and mixed precision for the device; returns the precision used."""
+    import torch
+
+    precision = _precision(cfg, device)
+    # channels-last is faster for these convolutions on CUDA and on CPU (oneDNN) alike.
+    learn.model.to(memory_format=torch.channels_last)
+    learn.to_channelslast(use_amp=False)
+    if device.type == "cuda":
+        if precision == "bf16":
+            learn.to_bf16()
+        elif precision == "fp16":
+            learn.to_fp16()
+    return precision
+
+
+def _fit(
+    learn: Any, cfg: TrainConfig, init: str, progress: Callable[[float, int], None] | None
+) -> Any:
+    """Find the learning rate if asked, then train; returns the epoch callback it added."""
+    lr = cfg.lr
+    with learn.no_bar(), learn.no_logging():
+        if lr == "find":
+            lr = float(learn.lr_find(show_plot=False).valley)
+            log.info("lr_find chose %.2e", lr)
+        # Added after lr_find: its trial fit is not an epoch of training.
+        epoch_log = _epoch_callback(cfg.freeze_epochs + cfg.epochs, progress)
+        learn.add_cb(epoch_log)
+        if init == "scratch":
+            learn.fit_one_cycle(cfg.freeze_epochs + cfg.epochs, lr)
+        else:
+            learn.fine_tune(cfg.epochs, base_lr=lr, freeze_epochs=cfg.freeze_epochs)
+    return epoch_log
+
+
+def _epoch_history(learn: Any) -> tuple[list[dict[str, float]], float]:
+    """Per-epoch metrics and the last epoch's validation accuracy (NaN when there is none)."""
+    names = [str(n) for n in learn.recorder.metric_names[1:-1]]  # drop 'epoch' and 'time'
+    history = [
+        dict(zip(names, (float(v) for v in vals), strict=False)) for vals in learn.recorder.values
+    ]
+    valid_acc = history[-1].get("accuracy", float("nan")) if history else float("nan")
+    return history, valid_acc
+
+
+def _strip_for_export(
+    learn: Any,
+    callbacks: list[Any],
+    df: pd.DataFrame,
+    cfg: TrainConfig,
+    device: torch.device,
+    vocab: list[str],
+) -> None:
+    """Remove what only training needs, so the exported model needs only fastai."""
+    # freshnet classes: they must not be pickled into the model.
+    for cb in callbacks:
+        learn.remove_cb(cb)
+    if cfg.loader == "cache":
+        # The cached loader is freshnet code reading a local cache: the exported model carries
+        # the file pipeline (decode, Resize, the same batch transforms), which is what the Space
+        # and evaluation feed it, and which needs only fastai.
+        learn.dls = build_dls(df, cfg, device, vocab)
+
+
 def train_model(
     manifest_train: pd.DataFrame,
     image_dir: Path,
@@ -518,18 +641,7 @@ def train_model(
     import torch
 
     start = time.perf_counter()
-    if cfg.arch not in ARCHS:
-        raise TrainError(f"train.arch={cfg.arch!r} is unknown; known: {sorted(ARCHS)}")
-    if "split" in manifest_train.columns and (manifest_train["split"] != "train").any():
-        raise TrainError(
-            "train_model got non-train rows (split != 'train'); the holdout is never trained on"
-        )
-    if len(manifest_train) == 0:
-        raise TrainError("no training rows")
-    vocab = sorted(manifest_train[LABEL_COL].astype(str).unique())
-    if len(vocab) < 2:
-        raise TrainError(f"need at least 2 classes to train, got {vocab}")
-
+    vocab = _check_train_rows(manifest_train, cfg)
     device = select_device(cfg)
     if device.type == "cpu":
         torch.set_num_threads(max(1, _cpu_count()))
@@ -537,25 +649,8 @@ def train_model(
         manifest_train = manifest_train.sort_values("sha256").reset_index(drop=True)
         df = frame_for(manifest_train, image_dir)
         df[VALID_COL] = valid_mask(manifest_train, cfg.valid_fraction, cfg.seed)
-        if cfg.loader == "cache":
-            root = Path(cache_dir) if cache_dir is not None else Path(image_dir).parent / "pixels"
-            dls = build_cached_dls(
-                manifest_train, df[VALID_COL].tolist(), image_dir, root, cfg, device, vocab
-            )
-        else:
-            dls = build_dls(df, cfg, device, vocab)
-
-        init, note, state = cfg.init, "", None
-        if init == "champion":
-            if init_from is None:
-                init, note = "imagenet", "no champion model given; falling back to imagenet"
-            else:
-                state, note = _champion_state(Path(init_from), cfg.arch, vocab)
-                if state is None:
-                    init = "imagenet"
-                    note += "; falling back to imagenet"
-            if init == "imagenet":
-                log.warning("init=champion not used: %s", note)
+        dls = _dataloaders(manifest_train, df, image_dir, cache_dir, cfg, device, vocab)
+        init, note, state = _choose_init(cfg, init_from, vocab)
         learn = build_learner(
             dls, cfg, pretrained=init in ("imagenet", "champion") and state is None
         )
@@ -564,43 +659,12 @@ def train_model(
         frozen_bn = _frozen_bn_callback() if cfg.freeze_bn and init != "scratch" else None
         if frozen_bn is not None:
             learn.add_cb(frozen_bn)
-        precision = _precision(cfg, device)
-        # channels-last is faster for these convolutions on CUDA and on CPU (oneDNN) alike.
-        learn.model.to(memory_format=torch.channels_last)
-        learn.to_channelslast(use_amp=False)
-        if device.type == "cuda":
-            if precision == "bf16":
-                learn.to_bf16()
-            elif precision == "fp16":
-                learn.to_fp16()
+        precision = _set_precision(learn, cfg, device)
+        epoch_log = _fit(learn, cfg, init, progress)
+    history, valid_acc = _epoch_history(learn)
 
-        lr = cfg.lr
-        with learn.no_bar(), learn.no_logging():
-            if lr == "find":
-                lr = float(learn.lr_find(show_plot=False).valley)
-                log.info("lr_find chose %.2e", lr)
-            # Added after lr_find: its trial fit is not an epoch of training.
-            epoch_log = _epoch_callback(cfg.freeze_epochs + cfg.epochs, progress)
-            learn.add_cb(epoch_log)
-            if init == "scratch":
-                learn.fit_one_cycle(cfg.freeze_epochs + cfg.epochs, lr)
-            else:
-                learn.fine_tune(cfg.epochs, base_lr=lr, freeze_epochs=cfg.freeze_epochs)
-    names = [str(n) for n in learn.recorder.metric_names[1:-1]]  # drop 'epoch' and 'time'
-    history = [
-        dict(zip(names, (float(v) for v in vals), strict=False)) for vals in learn.recorder.values
-    ]
-    valid_acc = history[-1].get("accuracy", float("nan")) if history else float("nan")
-
-    # freshnet classes: they must not be pickled into the model.
-    learn.remove_cb(epoch_log)
-    if frozen_bn is not None:
-        learn.remove_cb(frozen_bn)
-    if cfg.loader == "cache":
-        # The cached loader is freshnet code reading a local cache: the exported model carries
-        # the file pipeline (decode, Resize, the same batch transforms), which is what the Space
-        # and evaluation feed it, and which needs only fastai.
-        learn.dls = build_dls(df, cfg, device, vocab)
+    ours = [cb for cb in (epoch_log, frozen_bn) if cb is not None]
+    _strip_for_export(learn, ours, df, cfg, device, vocab)
     export_learner(learn, Path(out_path), cfg.arch)
     result = TrainResult(
         model_path=Path(out_path),
@@ -629,7 +693,7 @@ def train_model(
     return result
 
 
-def export_learner(learn, out_path: Path, arch: str) -> None:
+def export_learner(learn: Any, out_path: Path, arch: str) -> None:
     """Export for inference: fp32, contiguous, CPU, without training-only callbacks."""
     from fastai.callback.channelslast import ChannelsLast
     from fastai.callback.fp16 import MixedPrecision

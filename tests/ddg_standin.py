@@ -133,114 +133,119 @@ class DdgStandIn:
     # ------------------------------------------------------------ HTTP
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
-        stand = self
+        # http.server builds a handler per request and passes it no state: a subclass per
+        # stand-in carries this one.
+        return type("Handler", (_DdgHandler,), {"stand": self})
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
 
-            def log_message(self, *args: object) -> None:  # keep test output quiet
-                pass
+class _DdgHandler(BaseHTTPRequestHandler):
+    """DuckDuckGo's token page and image API and Bing's image page, served by the stand-in."""
 
-            def _send(self, status: int, body: str, ctype: str) -> None:
-                data = body.encode()
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+    stand: DdgStandIn  # set per stand-in by its _handler()
 
-            def _hit(self, engine: str, query: str, offset: int, status: int, n: int) -> None:
-                with stand.lock:
-                    stand.hits.append(Hit(time.monotonic(), engine, query, offset, status, n))
+    protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:
-                parts = urlsplit(self.path)
-                if parts.scheme:  # a forward-proxy request line: GET http://host/path HTTP/1.1
-                    with stand.lock:
-                        stand.proxied += 1
-                params = {k: v[0] for k, v in parse_qs(parts.query).items()}
-                query = params.get("q", "")
-                if parts.path in ("/", ""):
-                    self._vqd(query)
-                elif parts.path == "/i.js":
-                    self._ijs(query, params)
-                elif parts.path == "/images/async":
-                    self._bing(query, params)
-                else:
-                    self._send(404, "not found", "text/plain")
+    def log_message(self, *args: object) -> None:  # keep test output quiet
+        pass
 
-            def _vqd(self, query: str) -> None:
-                now = time.monotonic()
-                if stand.block_mode == "ratelimit" and stand.blocked(now):
-                    self._hit("vqd", query, 0, 202, 0)
-                    self._send(202, RATELIMIT_HTML, "text/html")
-                    return
-                token = f"4-{abs(hash(query)) % 10**12}"
-                self._hit("vqd", query, 0, 200, 0)
-                self._send(
-                    200,
-                    f'<html><head><script>vqd="{token}";</script></head><body></body></html>',
-                    "text/html",
-                )
+    def _send(self, status: int, body: str, ctype: str) -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
-            def _ijs(self, query: str, params: dict[str, str]) -> None:
-                offset = int(params.get("s", "0") or 0)
-                if not params.get("vqd"):
-                    self._hit("duckduckgo", query, offset, 403, 0)
-                    self._send(403, "", "text/html")
-                    return
-                if not stand._admit(time.monotonic()):
-                    if stand.block_mode == "empty":
-                        self._hit("duckduckgo", query, offset, 200, 0)
-                        body = {"ads": None, "query": query, "results": [], "next": None}
-                        self._send(200, json.dumps(body), "application/json")
-                    else:
-                        self._hit("duckduckgo", query, offset, 403, 0)
-                        self._send(403, RATELIMIT_HTML, "text/html")
-                    return
-                urls = stand.expected_urls(query)
-                page = urls[offset : offset + DDG_PAGE]
-                results = [
-                    {
-                        "title": f"{query} {offset + i}",
-                        "image": u,
-                        "thumbnail": f"https://tse.example/th?id={offset + i}",
-                        "url": f"https://page.example/{offset + i}",
-                        "height": 600,
-                        "width": 800,
-                        "source": "Bing",
-                    }
-                    for i, u in enumerate(page)
-                ]
-                body: dict = {"ads": None, "query": query, "results": results, "vqd": {}}
-                if offset + DDG_PAGE < len(urls):
-                    nxt = {k: v for k, v in params.items() if k != "vqd"}
-                    nxt["s"] = str(offset + DDG_PAGE)
-                    body["next"] = "i.js?" + urlencode(nxt)
-                self._hit("duckduckgo", query, offset, 200, len(results))
+    def _hit(self, engine: str, query: str, offset: int, status: int, n: int) -> None:
+        with self.stand.lock:
+            self.stand.hits.append(Hit(time.monotonic(), engine, query, offset, status, n))
+
+    def do_GET(self) -> None:
+        parts = urlsplit(self.path)
+        if parts.scheme:  # a forward-proxy request line: GET http://host/path HTTP/1.1
+            with self.stand.lock:
+                self.stand.proxied += 1
+        params = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        query = params.get("q", "")
+        if parts.path in ("/", ""):
+            self._vqd(query)
+        elif parts.path == "/i.js":
+            self._ijs(query, params)
+        elif parts.path == "/images/async":
+            self._bing(query, params)
+        else:
+            self._send(404, "not found", "text/plain")
+
+    def _vqd(self, query: str) -> None:
+        now = time.monotonic()
+        if self.stand.block_mode == "ratelimit" and self.stand.blocked(now):
+            self._hit("vqd", query, 0, 202, 0)
+            self._send(202, RATELIMIT_HTML, "text/html")
+            return
+        token = f"4-{abs(hash(query)) % 10**12}"
+        self._hit("vqd", query, 0, 200, 0)
+        self._send(
+            200,
+            f'<html><head><script>vqd="{token}";</script></head><body></body></html>',
+            "text/html",
+        )
+
+    def _ijs(self, query: str, params: dict[str, str]) -> None:
+        offset = int(params.get("s", "0") or 0)
+        if not params.get("vqd"):
+            self._hit("duckduckgo", query, offset, 403, 0)
+            self._send(403, "", "text/html")
+            return
+        if not self.stand._admit(time.monotonic()):
+            if self.stand.block_mode == "empty":
+                self._hit("duckduckgo", query, offset, 200, 0)
+                body = {"ads": None, "query": query, "results": [], "next": None}
                 self._send(200, json.dumps(body), "application/json")
+            else:
+                self._hit("duckduckgo", query, offset, 403, 0)
+                self._send(403, RATELIMIT_HTML, "text/html")
+            return
+        urls = self.stand.expected_urls(query)
+        page = urls[offset : offset + DDG_PAGE]
+        results = [
+            {
+                "title": f"{query} {offset + i}",
+                "image": u,
+                "thumbnail": f"https://tse.example/th?id={offset + i}",
+                "url": f"https://page.example/{offset + i}",
+                "height": 600,
+                "width": 800,
+                "source": "Bing",
+            }
+            for i, u in enumerate(page)
+        ]
+        body: dict = {"ads": None, "query": query, "results": results, "vqd": {}}
+        if offset + DDG_PAGE < len(urls):
+            nxt = {k: v for k, v in params.items() if k != "vqd"}
+            nxt["s"] = str(offset + DDG_PAGE)
+            body["next"] = "i.js?" + urlencode(nxt)
+        self._hit("duckduckgo", query, offset, 200, len(results))
+        self._send(200, json.dumps(body), "application/json")
 
-            def _bing(self, query: str, params: dict[str, str]) -> None:
-                first = int(params.get("first", "1") or 1)
-                count = int(params.get("count", "35") or 35)
-                if stand.block_bing and stand.blocked(time.monotonic()):
-                    self._hit("bing", query, first, 403, 0)
-                    self._send(403, "", "text/html")
-                    return
-                urls = stand.expected_urls(query, "bing")[first - 1 : first - 1 + count]
-                tiles = []
-                for i, u in enumerate(urls):
-                    m = json.dumps({"murl": u, "turl": f"https://tse.example/b{i}", "t": query})
-                    tiles.append(
-                        "<div><div class='imgpt'>"
-                        f"<a class='iusc' m='{html.escape(m, quote=True)}' href='#'>x</a></div>"
-                        "<div class='infopt'><div class='lnkw'><a>page.example</a></div></div>"
-                        "</div>"
-                    )
-                self._hit("bing", query, first, 200, len(urls))
-                self._send(200, "<html><body>" + "".join(tiles) + "</body></html>", "text/html")
-
-        return Handler
+    def _bing(self, query: str, params: dict[str, str]) -> None:
+        first = int(params.get("first", "1") or 1)
+        count = int(params.get("count", "35") or 35)
+        if self.stand.block_bing and self.stand.blocked(time.monotonic()):
+            self._hit("bing", query, first, 403, 0)
+            self._send(403, "", "text/html")
+            return
+        urls = self.stand.expected_urls(query, "bing")[first - 1 : first - 1 + count]
+        tiles = []
+        for i, u in enumerate(urls):
+            m = json.dumps({"murl": u, "turl": f"https://tse.example/b{i}", "t": query})
+            tiles.append(
+                "<div><div class='imgpt'>"
+                f"<a class='iusc' m='{html.escape(m, quote=True)}' href='#'>x</a></div>"
+                "<div class='infopt'><div class='lnkw'><a>page.example</a></div></div>"
+                "</div>"
+            )
+        self._hit("bing", query, first, 200, len(urls))
+        self._send(200, "<html><body>" + "".join(tiles) + "</body></html>", "text/html")
 
 
 def point_ddgs_at(monkeypatch, url: str) -> None:
