@@ -39,7 +39,8 @@ def main() -> int:
 
     from freshnet import space
     from freshnet.config import SpaceConfig
-    from tests.space_helpers import ServedApp, bundle_meta, split_flowers, train_flower_model
+    from tests.app_helpers import ServedApp, bundle_meta
+    from tests.model_helpers import split_flowers, train_flower_model
 
     flowers = {
         d.name: sorted(d.glob("*.jpg"))

@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
-# moto's S3 server, the Prefect server/worker and proxy fixtures, registered as a plugin.
-pytest_plugins = ["tests.fixtures_servers"]
+from tests.ci import in_ci
+
+# Fixture modules, registered as plugins: moto's S3 server, the Prefect server/worker and proxy
+# (fixtures_servers); the trained test model (fixtures_models).
+pytest_plugins = ["tests.fixtures_servers", "tests.fixtures_models"]
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FRESHNET_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -23,7 +26,7 @@ def shared_data() -> Path:
     """The real photos at ../shared/data (never copied into the repo)."""
     if not (SHARED_DATA / "photos" / "flowers").is_dir():
         # In CI a missing photo set is a broken checkout, not a reason to pass quietly.
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        if in_ci():
             pytest.fail(f"real photos not found at {SHARED_DATA} (CI is set: they are required)")
         pytest.skip(f"real photos not found at {SHARED_DATA}")
     return SHARED_DATA

@@ -14,17 +14,13 @@ import pytest
 
 from freshnet import space
 from freshnet.config import SpaceConfig
-from tests.space_helpers import ServedApp, bundle_meta, model_for_tests, split_flowers
+from tests.app_helpers import ServedApp, bundle_meta
+from tests.model_helpers import split_flowers
 
 APP = Path(__file__).resolve().parents[1] / "app"
 # The served app deletes uploads this old (checked every UPLOAD_TTL_S // 2 s): long enough for
 # any request of these tests to have finished with its upload.
 UPLOAD_TTL_S = 10
-
-
-@pytest.fixture(scope="session")
-def space_model(flower_photos, tmp_path_factory) -> Path:
-    return model_for_tests(flower_photos, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

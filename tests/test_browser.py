@@ -9,7 +9,8 @@ import pytest
 
 from freshnet import space
 from freshnet.config import SpaceConfig
-from tests.space_helpers import ServedApp, bundle_meta, in_ci, model_for_tests
+from tests.app_helpers import ServedApp, bundle_meta
+from tests.ci import in_ci
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [
@@ -20,11 +21,6 @@ ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-
-
-@pytest.fixture(scope="session")
-def space_model(flower_photos, tmp_path_factory) -> Path:
-    return model_for_tests(flower_photos, tmp_path_factory)
 
 
 @pytest.fixture

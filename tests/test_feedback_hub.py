@@ -18,8 +18,8 @@ from PIL import Image
 from freshnet import dataset, feedback, ingest, space
 from freshnet.config import ConfigError, SpaceConfig, parse_config
 from freshnet.storage import FileStorage
+from tests.app_helpers import ServedApp, bundle_meta
 from tests.hf_standin import HubStandIn
-from tests.space_helpers import ServedApp, bundle_meta, model_for_tests
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = "alice/flower-feedback"
@@ -231,11 +231,11 @@ def test_bundle_tells_the_app_its_feedback_repo(tmp_path, flower_photos) -> None
 
 @pytest.mark.slow
 def test_served_app_correction_lands_in_the_dataset_and_the_queue_once(
-    hub, tmp_path, flower_photos, example_photos, tmp_path_factory
+    hub, tmp_path, example_photos, space_model
 ) -> None:
     from gradio_client import Client, handle_file
 
-    model = model_for_tests(flower_photos, tmp_path_factory)
+    model = space_model
     bundle = space.build_bundle(
         model,
         bundle_meta("v-hub"),

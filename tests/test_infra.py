@@ -180,3 +180,24 @@ def test_pull_step_enters_this_machines_project_dir(tmp_path: Path, monkeypatch)
     monkeypatch.setenv("FRESHNET_PROJECT_DIR", str(tmp_path / "absent"))
     with pytest.raises(RuntimeError, match="is not a directory on this machine"):
         set_project_directory()
+
+
+def test_pre_commit_config_is_valid_and_runs_the_lint_tools_from_the_venv() -> None:
+    """`pre-commit install` gives ruff, ruff-format and mypy, the versions `make lint` runs."""
+    config = REPO / ".pre-commit-config.yaml"
+    pre_commit = Path(sys.executable).parent / "pre-commit"
+    r = subprocess.run(
+        [str(pre_commit), "validate-config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    hooks = {
+        h["id"]: h for repo in yaml.safe_load(config.read_text())["repos"] for h in repo["hooks"]
+    }
+    assert set(hooks) >= {"ruff", "ruff-format", "mypy"}
+    assert hooks["ruff"]["entry"].split()[:2] == [".venv/bin/ruff", "check"]
+    assert hooks["ruff-format"]["entry"].split()[:2] == [".venv/bin/ruff", "format"]
+    assert hooks["mypy"]["entry"] == ".venv/bin/mypy" and hooks["mypy"]["pass_filenames"] is False
+    assert all(h["language"] == "system" for h in hooks.values())  # no download of other versions

@@ -15,7 +15,7 @@ from freshnet import cycle, space
 from freshnet.config import parse_config
 from freshnet.ledger import Entry, Ledger, LedgerError, format_status
 from freshnet.storage import FileStorage
-from tests.space_helpers import bundle_meta, model_for_tests
+from tests.app_helpers import bundle_meta
 
 
 def _record(ledger: Ledger, version: str, commit: str = "c" * 40, **kw) -> Entry:
@@ -141,14 +141,15 @@ def test_concurrent_processes_never_lose_an_entry(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def two_models(flower_photos, tmp_path_factory) -> tuple[Path, Path]:
-    """v1 = the test model; v2 = the same with a shifted head bias (a different, loadable model)."""
-    v1 = model_for_tests(flower_photos, tmp_path_factory)
+def two_models(space_model, tmp_path_factory) -> tuple[Path, Path]:
+    """v1 = the test model; v2 = the same with shifted output weights (a different, loadable model)."""
+    v1 = space_model
     v2 = tmp_path_factory.mktemp("v2") / "model.pkl"
     script = (
         "import torch\nfrom fastai.learner import load_learner\n"
         f"learn = load_learner({str(v1)!r})\n"
-        "with torch.no_grad(): learn.model._fc.bias += 0.01\n"
+        "last = [m for m in learn.model.modules() if isinstance(m, torch.nn.Linear)][-1]\n"
+        "with torch.no_grad(): last.weight += 0.01\n"
         f"learn.export({str(v2)!r})\n"
     )
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)

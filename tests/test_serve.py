@@ -16,7 +16,8 @@ import pytest
 
 from freshnet import space
 from freshnet.config import SpaceConfig
-from tests.space_helpers import bundle_meta, free_port, model_for_tests
+from tests.app_helpers import bundle_meta
+from tests.fixtures_servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -253,11 +254,6 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
         with pytest.raises(ServeError, match=f"cannot listen on 127.0.0.1:{port} .*--port"):
             runner.run()
     assert not runner.work_dir.exists()
-
-
-@pytest.fixture(scope="session")
-def space_model(flower_photos, tmp_path_factory) -> Path:
-    return model_for_tests(flower_photos, tmp_path_factory)
 
 
 @pytest.mark.slow

@@ -14,15 +14,10 @@ import pytest
 
 from freshnet import space
 from freshnet.config import SpaceConfig
+from tests.app_helpers import bundle_meta
 from tests.hf_standin import HubStandIn
-from tests.space_helpers import bundle_meta, model_for_tests
 
 APP = Path(__file__).resolve().parents[1] / "app"
-
-
-@pytest.fixture(scope="session")
-def space_model(flower_photos, tmp_path_factory) -> Path:
-    return model_for_tests(flower_photos, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
