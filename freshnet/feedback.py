@@ -21,7 +21,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -269,6 +269,36 @@ def check_record(data: bytes, item: _Listed, label: str, cfg: Config) -> None:
                 )
 
 
+def _take_each(
+    box: _FolderBox | _S3Box | _HubBox,
+    items: Sequence[_Listed],
+    classes: dict[str, str],
+    cfg: Config,
+    where: str,
+    unreadable: tuple[type[Exception], ...],
+    reason: Callable[[Exception], str],
+) -> tuple[list[Candidate], list[str], list[str]]:
+    """Read each record: (candidates, skip notes, records unreadable now to retry next night).
+
+    A record that is wrong (_Skip) is skipped for good; one that cannot be read now (an
+    ``unreadable`` error, described by ``reason``) is retried by the next night.
+    """
+    candidates: list[Candidate] = []
+    skipped: list[str] = []
+    retry: list[str] = []
+    for item in items:
+        try:
+            candidates.append(_take(box, item, classes, cfg))
+        except _Skip as exc:
+            skipped.append(f"{where}/{item.rel}.json: {exc}")
+        except unreadable as exc:
+            skipped.append(
+                f"{where}/{item.rel}.json: unreadable ({reason(exc)}); retried next night"
+            )
+            retry.append(item.rel)
+    return candidates, skipped, retry
+
+
 def _take(
     box: _FolderBox | _S3Box | _HubBox, item: _Listed, classes: dict[str, str], cfg: Config
 ) -> Candidate:
@@ -337,17 +367,12 @@ def _read_once(
     )
     todo = [i for i in listed if seen.get(i.rel, night) == night]
     waiting = max(0, len(todo) - fb.max_per_night)
-    candidates: list[Candidate] = []
-    skipped: list[str] = []
-    for item in todo[: fb.max_per_night]:
-        try:
-            candidates.append(_take(box, item, classes, cfg))
-        except _Skip as exc:
-            skipped.append(f"{box.where}/{item.rel}.json: {exc}")
-        except OSError as exc:  # unreadable now: left unseen, tried again next night
-            skipped.append(f"{box.where}/{item.rel}.json: unreadable ({exc}); retried next night")
-            continue
-        seen[item.rel] = night
+    tonight = todo[: fb.max_per_night]
+    candidates, skipped, retry = _take_each(box, tonight, classes, cfg, box.where, (OSError,), str)
+    unread = set(retry)  # unreadable ones stay unseen: tried again next night
+    for item in tonight:
+        if item.rel not in unread:
+            seen[item.rel] = night
     # Advance past what earlier nights read; tonight's reads stay listed so a retried night
     # rereads exactly them.
     earlier = [rel.rpartition("/")[2] for rel, n in seen.items() if n != night]
@@ -571,19 +596,16 @@ def _hub_read_once(
         new_paths = [p for p in files if p not in old]
     todo = _hub_records(files, set(new_paths) | set(left))
     later = [i.rel for i in todo[fb.max_per_night :]]
-    candidates: list[Candidate] = []
-    skipped: list[str] = []
-    for item in todo[: fb.max_per_night]:
-        try:
-            candidates.append(_take(box, item, classes, cfg))
-        except _Skip as exc:
-            skipped.append(f"{box.where}/{HUB_FOLDER}/{item.rel}.json: {exc}")
-        except _hub_errors() as exc:  # unreadable now: left for the next night
-            skipped.append(
-                f"{box.where}/{HUB_FOLDER}/{item.rel}.json: unreadable ({_hub_reason(exc, box.repo_id, cfg)}); "
-                "retried next night"
-            )
-            later.append(item.rel)
+    candidates, skipped, retry = _take_each(
+        box,
+        todo[: fb.max_per_night],
+        classes,
+        cfg,
+        f"{box.where}/{HUB_FOLDER}",
+        _hub_errors(),
+        lambda exc: _hub_reason(exc, box.repo_id, cfg),
+    )
+    later += retry  # unreadable now: left for the next night
     after = {"commit": head, "left": sorted(f"{HUB_FOLDER}/{rel}.json" for rel in later)}
     cursor["sources"][box.where] = {"night": night, "before": start, "after": after}
     if not store.swap_pointer(CURSOR, json.dumps(cursor, sort_keys=True).encode(), token):

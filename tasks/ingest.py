@@ -10,6 +10,7 @@ from freshnet import cycle
 from freshnet.config import Config
 from tasks.progress import UiProgress
 from tasks.report import publish_rejections, publish_search_failures
+from tasks.secrets import load_secret
 
 
 def _cached_io(stage: str) -> dict:
@@ -34,15 +35,7 @@ def feedback_token(cfg: Config) -> str | None:
     core then reads FRESHNET_FEEDBACK_TOKEN). Never a parameter: it would be stored with the run."""
     if not cfg.space.feedback_repo or not cfg.space.feedback_token_secret:
         return None
-    from prefect.blocks.system import Secret
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        return Secret.load(cfg.space.feedback_token_secret).get()
-    except ValueError as exc:
-        if not isinstance(exc.__cause__, ObjectNotFound):
-            raise
-        return None
+    return load_secret(cfg.space.feedback_token_secret)
 
 
 @task(**_cached_io("search"))

@@ -11,6 +11,7 @@ from freshnet import cycle
 from freshnet.config import Config
 from freshnet.redact import redact
 from tasks.report import publish_commit
+from tasks.secrets import load_secret
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +24,10 @@ def hf_token(cfg: Config) -> str | None:
     """
     if not cfg.space.target.startswith("hf://") or not cfg.space.hf_token_secret:
         return None
-    from prefect.blocks.system import Secret
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        return Secret.load(cfg.space.hf_token_secret).get()
-    except ValueError as exc:
-        if not isinstance(exc.__cause__, ObjectNotFound):
-            raise
+    token = load_secret(cfg.space.hf_token_secret)
+    if token is None:
         log.info("no Secret block %r: the HF token comes from HF_TOKEN", cfg.space.hf_token_secret)
-        return None
+    return token
 
 
 @task

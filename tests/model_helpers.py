@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 PER_CLASS_TRAIN = 40  # 200 photos: enough for every class, cheap on 2 shared CPU cores
@@ -73,3 +77,41 @@ def model_for_tests(flower_photos: dict[str, list[Path]], tmp_path_factory) -> P
     if prebuilt:
         return Path(prebuilt)
     return train_flower_model(flower_photos, tmp_path_factory.getbasetemp() / "space-model")
+
+
+# Loads model.pkl and predicts with fastai alone, freshnet import blocked, and prints
+# {"vocab": [...], "pred": [[label, p_max], ...]}.
+CLEAN_PROCESS_PREDICT = r"""
+import importlib.abc, sys, json
+class Block(importlib.abc.MetaPathFinder):
+    # freshnet is installed in this venv (editable): make sure the model never needs it.
+    def find_spec(self, name, path=None, target=None):
+        if name == "freshnet" or name.startswith("freshnet."):
+            raise ImportError("freshnet is not available in the Space")
+sys.meta_path.insert(0, Block())
+from fastai.learner import load_learner
+from fastai.vision.core import PILImage
+learn = load_learner(sys.argv[1])
+out = []
+for p in sys.argv[2:]:
+    label, idx, probs = learn.predict(PILImage.create(p))
+    out.append([str(label), float(probs.max())])
+assert not any(m.startswith("freshnet") for m in sys.modules), "freshnet was imported"
+print(json.dumps({"vocab": [str(v) for v in learn.dls.vocab], "pred": out}))
+"""
+
+
+def predict_in_clean_process(model_path: Path, paths: list[Path], folder: Path) -> dict:
+    """What the Space does: only the model file, in a folder of its own, run from that folder
+    with -I (no cwd, no env paths) and freshnet unimportable; the printed result."""
+    folder.mkdir(parents=True)
+    shutil.copy(model_path, folder / "model.pkl")
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", CLEAN_PROCESS_PREDICT, "model.pkl", *map(str, paths)],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -4,10 +4,7 @@ cached loader's model exports without freshnet (real flower photos)."""
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +12,7 @@ import pytest
 
 from freshnet import pixels
 from freshnet.pixels import PixelCache, PixelCacheError, decode_row
+from tests.model_helpers import predict_in_clean_process
 
 SIZE = 40
 
@@ -175,17 +173,6 @@ def test_gather_returns_requested_items_in_order(tmp_path, flower_photos):
         assert np.array_equal(x[k], _expected(images, shas[i]))
 
 
-ISOLATED = """
-import json, sys
-from fastai.learner import load_learner
-from fastai.vision.core import PILImage
-learn = load_learner(sys.argv[1])
-out = [str(learn.predict(PILImage.create(p))[0]) for p in sys.argv[2:]]
-assert not any(m.startswith("freshnet") for m in sys.modules), "freshnet was imported"
-print(json.dumps({"vocab": [str(v) for v in learn.dls.vocab], "pred": out}))
-"""
-
-
 @pytest.mark.slow
 def test_cached_loader_trains_with_batch_augmentation_and_exports_without_freshnet(
     tmp_path, flower_photos
@@ -211,21 +198,10 @@ def test_cached_loader_trains_with_batch_augmentation_and_exports_without_freshn
 
     holdout = manifest[manifest["split"] == "holdout"]
     paths = [tmp_path / "images" / f"{s}.jpg" for s in holdout["sha256"]]
-    space = tmp_path / "space"
-    space.mkdir()
-    shutil.copy(res.model_path, space / "model.pkl")
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", ISOLATED, "model.pkl", *map(str, paths)],
-        cwd=space,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = predict_in_clean_process(res.model_path, paths, tmp_path / "space")
     assert out["vocab"] == ["daisy", "sunflowers"]
     predicted, _, _ = predict_files(res.model_path, paths)
-    assert out["pred"] == predicted
+    assert [p[0] for p in out["pred"]] == predicted
 
 
 def test_a_sha_ending_in_zero_bytes_is_found_again(tmp_path, flower_photos):

@@ -18,6 +18,7 @@ from freshnet import cycle, summary
 from freshnet.config import ConfigError, parse_config
 from freshnet.sources import DuckDuckGoSource, SearchBreaker, is_ratelimit
 from tests.ddg_standin import DdgStandIn, point_ddgs_at
+from tests.test_sources import Clock
 
 CLASSES = ["corgi", "samoyed"]
 QUERIES = ["photo {label}", "{label} puppy"]
@@ -37,19 +38,6 @@ def _cfg(tmp_path=None, **source):
 
 
 # ---------------------------------------------------------------- fake clock, scripted client
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-        self.sleeps: list[float] = []
-
-    def sleep(self, s):
-        self.sleeps.append(s)
-        self.t += s
-
-    def __call__(self):
-        return self.t
 
 
 class BlockingDDGS:

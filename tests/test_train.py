@@ -11,9 +11,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from freshnet.train import (
     train_model,
     valid_mask,
 )
+from tests.model_helpers import predict_in_clean_process
 
 TINY = dict(image_size=64, batch_size=16, epochs=1, freeze_epochs=0, device="cpu", augment=False)
 
@@ -217,44 +215,12 @@ def test_same_snapshot_and_seed_train_the_same_weights_while_other_threads_draw_
     assert _weights_digest(res.model_path) != digests[0], "the seed must matter"
 
 
-ISOLATED = r"""
-import importlib.abc, sys, json
-class Block(importlib.abc.MetaPathFinder):
-    # freshnet is installed in this venv (editable): make sure the model never needs it.
-    def find_spec(self, name, path=None, target=None):
-        if name == "freshnet" or name.startswith("freshnet."):
-            raise ImportError("freshnet is not available in the Space")
-sys.meta_path.insert(0, Block())
-from fastai.learner import load_learner
-from fastai.vision.core import PILImage
-learn = load_learner(sys.argv[1])
-out = []
-for p in sys.argv[2:]:
-    label, idx, probs = learn.predict(PILImage.create(p))
-    out.append([str(label), float(probs.max())])
-assert not any(m.startswith("freshnet") for m in sys.modules), "freshnet was imported"
-print(json.dumps({"vocab": [str(v) for v in learn.dls.vocab], "pred": out}))
-"""
-
-
 def test_exported_model_loads_and_predicts_without_freshnet(tiny, tmp_path):
     from freshnet.evaluate import predict_files
 
     holdout = tiny["manifest"][tiny["manifest"]["split"] == "holdout"]
     paths = [tiny["root"] / "images" / f"{s}.jpg" for s in holdout["sha256"]]
-    # Only the model file, in a folder of its own, run from that folder with -I (no cwd, no env paths).
-    space = tmp_path / "space"
-    space.mkdir()
-    shutil.copy(tiny["result"].model_path, space / "model.pkl")
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", ISOLATED, "model.pkl", *map(str, paths)],
-        cwd=space,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = predict_in_clean_process(tiny["result"].model_path, paths, tmp_path / "space")
     assert out["vocab"] == ["daisy", "sunflowers"]
     # The Space's predictions agree with in-process evaluation.
     predicted, probs, vocab = predict_files(tiny["result"].model_path, paths)
