@@ -301,7 +301,8 @@ def test_redeploy_under_polling_load_fails_no_request(space_model, example_photo
 
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
-        time.sleep(1)
+        while len(results) < 5 and time.monotonic() < deadline:  # the client is polling v1
+            time.sleep(0.1)
         c2 = publish("v2", c1)
         published = time.monotonic()
         while runner.commit != c2 and time.monotonic() - published < 180:
