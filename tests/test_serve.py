@@ -34,8 +34,10 @@ with open(os.environ["TINY_APP_PIDS"], "a") as f:
 class Hello(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like uvicorn
     def do_GET(self):
-        if self.path == "/slow":
-            time.sleep(0.5)
+        if self.path == "/slow":  # held open until the test releases it (or 20 s pass)
+            end = time.monotonic() + 20
+            while not os.path.exists("release") and time.monotonic() < end:
+                time.sleep(0.01)
         body = b"tiny app " + os.path.basename(os.getcwd()).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -200,7 +202,14 @@ def test_front_routes_each_request_and_keeps_gradio_sessions_on_their_app(tmp_pa
             assert c.get(data + "s1").text == "tiny app a"  # follows its join
             assert not a.drained() and slow.is_alive()  # the slow request is still open on a
             assert c.get(data + "s2").text == "tiny app b"  # an unknown session: current app
+            (a.folder / "release").touch()
             slow.join(5)
+            assert not slow.is_alive()
+            # The client has its answer once the bytes arrive; the front counts the request done
+            # when the app closes its side, a moment later (later still on a loaded machine).
+            deadline = time.monotonic() + 5
+            while not a.drained() and time.monotonic() < deadline:
+                time.sleep(0.01)
             assert a.drained() and a.inflight == 0 and b.inflight == 0
             # A new join of the session goes to the new app (its old stream is closed).
             assert c.post(url + "/gradio_api/queue/join", json=join).text == "tiny app b"
