@@ -37,8 +37,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     import torch
 
-    from freshnet import space
     from freshnet.config import SpaceConfig
+    from freshnet.space import publish as space
     from tests.app_helpers import ServedApp, bundle_meta
     from tests.model_helpers import split_flowers, train_flower_model
 

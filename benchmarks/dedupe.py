@@ -42,8 +42,8 @@ from PIL import Image, ImageEnhance
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from freshnet import dedupe  # noqa: E402
 from freshnet.config import DedupeConfig, ImagesConfig  # noqa: E402
+from freshnet.data import dedupe  # noqa: E402
 from freshnet.storage import FileStorage  # noqa: E402
 
 SHARED = Path(os.environ.get("FRESHNET_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -275,7 +275,7 @@ def _variants(im: Image.Image) -> list[tuple[str, bytes, int]]:
 
 
 def _quality_one(path: str) -> tuple[tuple[int, int, bool], list[tuple[str, int, int, bool]]]:
-    from freshnet.images import normalize
+    from freshnet.data.images import normalize
 
     icfg = ImagesConfig()
     data = Path(path).read_bytes()

@@ -150,8 +150,8 @@ class RssSampler:
 def child_ours(url_file: str, store_dir: str, concurrency: str = str(CONCURRENCY)) -> None:
     sys.path.insert(0, str(REPO))
     from freshnet.config import parse_config
-    from freshnet.ingest import ingest
-    from freshnet.sources import Candidate
+    from freshnet.data.ingest import ingest
+    from freshnet.data.sources import Candidate
     from freshnet.storage import FileStorage
 
     urls = Path(url_file).read_text().split()
@@ -188,7 +188,7 @@ def normalize_seconds(photo_dir: Path) -> float:
     """
     sys.path.insert(0, str(REPO))
     from freshnet.config import ImagesConfig
-    from freshnet.images import normalize
+    from freshnet.data.images import normalize
 
     cfg = ImagesConfig()
     bodies = [p.read_bytes() for p in sorted(photo_dir.glob("*.jpg"))]

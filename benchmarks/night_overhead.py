@@ -9,7 +9,7 @@ The steps, as the nightly cycle runs them (freshnet.cycle), on file storage:
 - champion evaluation (cycle.evaluate_step) with a champion that scored last night's holdout,
 - ledger record (Ledger.record) and the night's history record (cycle.record_night_step).
 
-Ingest of the 1,000 photos (freshnet.ingest from a folder source) runs first, timed apart: its cost
+Ingest of the 1,000 photos (freshnet.data.ingest from a folder source) runs first, timed apart: its cost
 does not depend on N and it is not in the issue's list. The existing N rows are built directly
 (Parquet catalog, near-duplicate index segments, embedding cache segments, last night's snapshot,
 a year of ledger and history records), not ingested: their images are hard links to the real
@@ -104,11 +104,11 @@ def prepare_inputs(tmp: Path) -> tuple[Path, Path, Path]:
 
 
 def tiny_model(flowers: dict[str, list[Path]], out: Path) -> Path:
-    """A tiny real model (freshnet.train, 64 px, one epoch): the champion that gets evaluated."""
+    """A tiny real model (freshnet.model.train, 64 px, one epoch): the champion that gets evaluated."""
     import pandas as pd
 
     from freshnet.config import TrainConfig
-    from freshnet.train import train_model
+    from freshnet.model.train import train_model
 
     images = out / "images"
     images.mkdir(parents=True)
@@ -133,8 +133,9 @@ def build_state(n: int, root: Path, new_dir: Path, pool: Path, model: Path) -> N
     import numpy as np
     import pandas as pd
 
-    from freshnet import cycle, dataset, dedupe, embed, history
-    from freshnet.ledger import Ledger
+    from freshnet import cycle, history
+    from freshnet.data import dataset, dedupe, embed
+    from freshnet.space.ledger import Ledger
 
     cfg = config(root, new_dir)
     store = cycle.open_store(cfg)
@@ -227,7 +228,7 @@ def build_state(n: int, root: Path, new_dir: Path, pool: Path, model: Path) -> N
 def seed_champion_predictions(cfg, store, holdout) -> None:
     """Last night's champion predictions of its holdout, in the prediction cache (if there is one)."""
     try:
-        from freshnet import predictions
+        from freshnet.model import predictions
     except ImportError:
         return
     import numpy as np
@@ -245,8 +246,10 @@ def seed_champion_predictions(cfg, store, holdout) -> None:
 def run_night(n: int, root: Path, new_dir: Path) -> dict:
     import logging
 
-    from freshnet import cycle, dataset, embed, evaluate, ingest, sources
-    from freshnet.ledger import Ledger
+    from freshnet import cycle
+    from freshnet.data import dataset, embed, ingest, sources
+    from freshnet.model import evaluate
+    from freshnet.space.ledger import Ledger
 
     logging.disable(logging.WARNING)
     cfg = config(root, new_dir)
@@ -340,7 +343,7 @@ def run_night(n: int, root: Path, new_dir: Path) -> dict:
 
 def _has_prediction_cache() -> bool:
     try:
-        from freshnet import predictions  # noqa: F401
+        from freshnet.model import predictions  # noqa: F401
     except ImportError:
         return False
     return True
@@ -406,7 +409,7 @@ def main() -> None:
     print(f"curation at N={SIZES[-1]}: {json.dumps(big['curation'])}")
     if not big["prediction_cache"]:
         print(
-            "NOTE: no prediction cache in freshnet.evaluate: the champion scored every holdout row"
+            "NOTE: no prediction cache in freshnet.model.evaluate: the champion scored every holdout row"
         )
     print(f"state setup (not counted): {', '.join(f'N={n} {s:.0f} s' for n, s in setup.items())}")
     figures = [

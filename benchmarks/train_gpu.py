@@ -72,7 +72,7 @@ class UtilSampler:
 
 
 def run(train, image_dir: Path, cfg, out: Path, cache_dir: Path) -> dict:
-    from freshnet.train import train_model
+    from freshnet.model.train import train_model
 
     util = UtilSampler() if shutil.which("nvidia-smi") else None
     t0 = time.perf_counter()
@@ -102,8 +102,8 @@ def main() -> None:
     from train_overhead import demo_manifest
 
     from freshnet.config import TrainConfig
-    from freshnet.pixels import PixelCache
-    from freshnet.train import pixel_cache_size
+    from freshnet.model.pixels import PixelCache
+    from freshnet.model.train import pixel_cache_size
 
     logging.basicConfig(level=logging.WARNING)
     name = torch.cuda.get_device_name(0)

@@ -72,9 +72,9 @@ def main() -> None:
     import torch
 
     from freshnet.config import TrainConfig
-    from freshnet.evaluate import evaluate_model
-    from freshnet.pixels import PixelCache
-    from freshnet.train import (
+    from freshnet.model.evaluate import evaluate_model
+    from freshnet.model.pixels import PixelCache
+    from freshnet.model.train import (
         VALID_COL,
         build_cached_dls,
         build_dls,

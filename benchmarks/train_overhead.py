@@ -35,9 +35,9 @@ def demo_manifest(image_dir: Path, per_query: int = 40, night: str = "1", seed: 
 
     import pandas as pd
 
-    from freshnet import demo
     from freshnet.config import ImagesConfig
-    from freshnet.images import ImageRejected, normalize
+    from freshnet.data import demo
+    from freshnet.data.images import ImageRejected, normalize
 
     image_dir.mkdir(parents=True, exist_ok=True)
     icfg = ImagesConfig()
@@ -84,7 +84,7 @@ def plain_fastai(manifest_train, image_dir: Path, cfg, out: Path) -> float:
     )
     from torch import nn
 
-    from freshnet.train import LITE_MEAN, LITE_STD, lite0_body, valid_mask
+    from freshnet.model.train import LITE_MEAN, LITE_STD, lite0_body, valid_mask
 
     start = time.perf_counter()
     set_seed(cfg.seed)
@@ -127,7 +127,7 @@ def main() -> None:
     import torch
 
     from freshnet.config import TrainConfig
-    from freshnet.train import train_model
+    from freshnet.model.train import train_model
 
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
@@ -139,7 +139,7 @@ def main() -> None:
         prep = time.perf_counter() - t0
         train = manifest[manifest["split"] == "train"]
         # Warm caches (weights file, imports) so neither side pays the first-touch cost.
-        from freshnet.train import lite0_body
+        from freshnet.model.train import lite0_body
 
         lite0_body(True)
         # Interleaved (plain, ours, ours, plain) and the best of each: the machine is shared and noisy.

@@ -66,8 +66,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from freshnet import cycle, dataset, embed, evaluate, images, train  # noqa: E402
+from freshnet import cycle  # noqa: E402
 from freshnet.config import Config, ImagesConfig, parse_config  # noqa: E402
+from freshnet.data import dataset, embed, images  # noqa: E402
+from freshnet.model import evaluate, train  # noqa: E402
 from freshnet.storage import Storage, open_storage  # noqa: E402
 from tests.web_noise_helpers import disguise  # noqa: E402
 

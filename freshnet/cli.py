@@ -95,7 +95,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from freshnet import cycle, ledger
+    from freshnet import cycle
+    from freshnet.space import ledger
 
     cfg = _config(args)
     print(ledger.format_status(cycle.open_store(cfg)))
@@ -129,7 +130,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from freshnet import serve
+    from freshnet.space import serve
 
     cfg = _config(args)
     serve.serve(
@@ -145,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
-    from freshnet import demo
+    from freshnet.data import demo
 
     cfg = _config(args)
     print(f"demo image web at {demo.ensure_server(cfg)} (Ctrl-C to stop)")
@@ -157,7 +158,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_dataset_diff(args: argparse.Namespace) -> int:
-    from freshnet import cycle, dataset
+    from freshnet import cycle
+    from freshnet.data import dataset
 
     cfg = _config(args)
     print(dataset.format_diff(dataset.diff_snapshots(cycle.open_store(cfg), args.a, args.b)))
@@ -165,7 +167,8 @@ def cmd_dataset_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
-    from freshnet import cycle, dataset
+    from freshnet import cycle
+    from freshnet.data import dataset
 
     store = cycle.open_store(_config(args))
     if args.action == "list":
@@ -188,7 +191,8 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
 
 
 def cmd_feedback(args: argparse.Namespace) -> int:
-    from freshnet import cycle, feedback
+    from freshnet import cycle
+    from freshnet.data import feedback
 
     store = cycle.open_store(_config(args))
     if args.action == "list":

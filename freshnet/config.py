@@ -26,8 +26,8 @@ ENV_PREFIX = "FRESHNET_"
 # in the project must be added here (tests/test_config.py checks that).
 NON_CONFIG_ENV = frozenset(
     {
-        "FRESHNET_ALLOW_WEIGHT_DOWNLOAD",  # freshnet/train.py: may download pretrained weights
-        "FRESHNET_APP_DIR",  # freshnet/space.py: the app folder pushed to the Space
+        "FRESHNET_ALLOW_WEIGHT_DOWNLOAD",  # freshnet/model/train.py: may download pretrained weights
+        "FRESHNET_APP_DIR",  # freshnet/space/publish.py: the app folder pushed to the Space
         "FRESHNET_BENCH_MODEL",  # benchmarks/app_latency.py
         "FRESHNET_CACHE",  # freshnet/cycle.py: local cache folder
         "FRESHNET_COMPILE",  # app/app.py
@@ -35,7 +35,7 @@ NON_CONFIG_ENV = frozenset(
         "FRESHNET_FEEDBACK",  # app/app.py: feedback sink
         "FRESHNET_FEEDBACK_EVERY_MIN",  # app/app.py: how often the Hub sink commits
         "FRESHNET_FEEDBACK_REPO",  # app/app.py: the feedback dataset repo
-        "FRESHNET_FEEDBACK_TOKEN",  # app/app.py, freshnet/feedback.py: that dataset's token
+        "FRESHNET_FEEDBACK_TOKEN",  # app/app.py, freshnet/data/feedback.py: that dataset's token
         "FRESHNET_GIT_URL",  # prefect.yaml pull step (infra/README.md)
         "FRESHNET_MAX_DECODE_MB",  # app/app.py
         "FRESHNET_MAX_PIXELS",  # app/app.py
@@ -166,7 +166,7 @@ class DedupeConfig(_Section):
     # When an image has no dHash (its stored bytes were unreadable), only this pHash distance counts.
     unconfirmed_threshold: int = Field(4, ge=0, le=32)
     # Disguised copies (crops, rescales, watermarks, flips), which the pHash misses: embedding
-    # nearest neighbours verified by aligned thumbnails (freshnet/copies.py says how the
+    # nearest neighbours verified by aligned thumbnails (freshnet/data/copies.py says how the
     # threshold was measured).
     copies: bool = True
     # Nearest embeddings verified per image: a copy's original was always its first or second

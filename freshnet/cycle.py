@@ -61,7 +61,7 @@ def config_fingerprint(cfg: Config) -> str:
 
 def search_step(cfg: Config, night: str, feedback_token: str | None = None) -> dict[str, Any]:
     """``feedback_token``: space.feedback_repo's token read at run time (else the environment's)."""
-    from freshnet import feedback, sources
+    from freshnet.data import feedback, sources
 
     store = open_store(cfg)
     options: dict[str, Any] = {}
@@ -92,7 +92,7 @@ def ingest_step(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Download tonight's candidates; ``on_progress(done, total)`` follows the downloads."""
-    from freshnet import ingest, sources
+    from freshnet.data import ingest, sources
 
     store = open_store(cfg)
     report = sources.SearchReport.from_dict(get_json(store, search_key))
@@ -109,7 +109,7 @@ def ingest_step(
 
 
 def curate_step(cfg: Config, night: str, ingest_key: str) -> dict[str, Any]:
-    from freshnet import dataset, ingest
+    from freshnet.data import dataset, ingest
 
     store = open_store(cfg)
     outcomes = [ingest.Outcome(**o) for o in get_json(store, ingest_key)]
@@ -127,7 +127,7 @@ def _champion_probs(
     """
     import numpy as np
 
-    from freshnet import predictions
+    from freshnet.model import predictions
 
     probs = np.full((len(rows), len(cfg.classes)), np.nan)
     picked = rows[judge]
@@ -164,7 +164,7 @@ def label_check_step(
     """
     import numpy as np
 
-    from freshnet import dataset, embed, labels
+    from freshnet.data import dataset, embed, labels
 
     lc = cfg.label_check
     if not lc.enabled:
@@ -250,7 +250,7 @@ def snapshot_step(cfg: Config, since: str | None = None) -> dict[str, Any]:
     "Nothing new" is measured against the champion's dataset, not tonight's curation: a night
     that failed after curating must still train on its images when it is rerun.
     """
-    from freshnet import dataset
+    from freshnet.data import dataset
 
     store = open_store(cfg)
     snap = dataset.make_snapshot(store, cfg)
@@ -282,7 +282,8 @@ def train_step(
     on_progress: Callable[[float, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``version``; ``on_progress(epochs, total)`` follows the training."""
-    from freshnet import dataset, evaluate, train
+    from freshnet.data import dataset
+    from freshnet.model import evaluate, train
 
     store = open_store(cfg)
     tc = cfg.train
@@ -350,13 +351,13 @@ def night_version(cfg: Config, night: str, snapshot_id: str, init_key: str | Non
 def _predictor(
     cfg: Config, store: Storage, model_key: str, version: str
 ) -> Callable[[list[str]], tuple[Any, list[str]]]:
-    """predict(shas) -> (probs, vocab) for freshnet.predictions: fetches the model and only the
+    """predict(shas) -> (probs, vocab) for freshnet.model.predictions: fetches the model and only the
     images it is asked for, so rows served from the prediction cache cost no download."""
 
     def predict(shas: list[str]) -> tuple[Any, list[str]]:
         import pandas as pd
 
-        from freshnet import evaluate, train
+        from freshnet.model import evaluate, train
 
         model_path = cache_dir(cfg) / "models" / version / "model.pkl"
         if not model_path.exists():
@@ -375,7 +376,8 @@ def _predictor(
 def evaluate_step(cfg: Config, model_key: str, version: str, snapshot_id: str) -> dict[str, Any]:
     """Score ``version`` on the snapshot's holdout; the model predicts only the images its
     prediction cache (per version and image sha256) does not hold yet."""
-    from freshnet import dataset, evaluate, predictions
+    from freshnet.data import dataset
+    from freshnet.model import evaluate, predictions
 
     store = open_store(cfg)
     key = f"evals/{version}/{snapshot_id}.json"
@@ -407,7 +409,7 @@ def decide_step(
     ``report`` is for the Prefect UI: its confusion image is a presigned URL where the storage
     can give one (a relative path shows nothing there); the stored copy links the PNG beside it.
     """
-    from freshnet import evaluate, policy
+    from freshnet.model import evaluate, policy
 
     chal = evaluate.Evaluation.from_dict(challenger)
     champ = evaluate.Evaluation.from_dict(champion) if champion else None
@@ -473,7 +475,9 @@ def bundle_step(
     snapshot_id: str,
 ) -> dict[str, Any]:
     """Build the Space bundle and check it in a clean process; returns its path and the verdict."""
-    from freshnet import dataset, space, train
+    from freshnet.data import dataset
+    from freshnet.model import train
+    from freshnet.space import publish as space
 
     store = open_store(cfg)
     model_path = cache_dir(cfg) / "models" / version / "model.pkl"
@@ -536,7 +540,7 @@ def publish_step(
 
     ``token`` is the HF token read at run time by the caller (else HF_TOKEN); it is never stored.
     """
-    from freshnet import space
+    from freshnet.space import publish as space
 
     def prepare(ledger: Any, served: Any, work: Path) -> space.Release:
         return space.Release(
@@ -566,7 +570,7 @@ def champion_step(cfg: Config, token: str | None = None) -> dict[str, Any] | Non
     Healing here (not only at the next publish) means a night that keeps the champion still
     brings the ledger back in line with what the Space serves.
     """
-    from freshnet.ledger import Ledger
+    from freshnet.space.ledger import Ledger
 
     ledger = Ledger(open_store(cfg))
     if ledger.intent()[0] is not None:
@@ -622,8 +626,8 @@ def settle_intent(cfg: Config, ledger: Any, token: str | None = None) -> Any:
     (if it was lost) and the champion pointer moves to it. Otherwise its commit never landed and
     the intent is discarded. Returns the completed entry, or None.
     """
-    from freshnet import space
     from freshnet.redact import redact
+    from freshnet.space import publish as space
 
     intent, _ = ledger.intent()
     if intent is None:
@@ -673,8 +677,8 @@ def _publish_locked(
 ) -> tuple[Any, Path]:
     import uuid
 
-    from freshnet import space
     from freshnet.redact import redact
+    from freshnet.space import publish as space
 
     t0 = time.perf_counter()
     target = cfg.space.target
@@ -758,8 +762,8 @@ def publish_and_record(
     """
     import tempfile
 
-    from freshnet import space
-    from freshnet.ledger import Ledger
+    from freshnet.space import publish as space
+    from freshnet.space.ledger import Ledger
 
     store = open_store(cfg)
     ledger = Ledger(store)
@@ -792,7 +796,7 @@ def rollback_step(
     cfg: Config, version: str | None = None, token: str | None = None
 ) -> dict[str, Any]:
     """Publish an earlier version again: ``version``, or the one before what the Space serves."""
-    from freshnet import space
+    from freshnet.space import publish as space
 
     def prepare(ledger: Any, served: Any, work: Path) -> space.Release:
         chosen = space.rollback_version(ledger.history(), served, version)
@@ -817,8 +821,8 @@ def promote_step(
     cfg: Config, version: str, reason: str, token: str | None = None
 ) -> dict[str, Any]:
     """Publish any trained version by hand (models/<version>/model.pkl), recording the reason."""
-    from freshnet import space
-    from freshnet.ledger import LedgerError
+    from freshnet.space import publish as space
+    from freshnet.space.ledger import LedgerError
 
     if not reason or not reason.strip():
         raise LedgerError("a manual promotion needs a reason (--reason TEXT)")
@@ -833,7 +837,7 @@ def promote_step(
 
 def reconcile_step(cfg: Config, token: str | None = None) -> dict[str, Any] | None:
     """Settle a lost publish intent now (under the lease) and return the champion."""
-    from freshnet.ledger import Ledger
+    from freshnet.space.ledger import Ledger
 
     store = open_store(cfg)
     ledger = Ledger(store)

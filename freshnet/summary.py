@@ -70,7 +70,7 @@ def yield_problems(
     """Why tonight's yield collapsed (empty when it did not): most searches failed, or most
     downloads were rejected (dataset.max_failed_searches, dataset.max_rejected_downloads).
 
-    ``counts`` are the download outcomes per class and status (freshnet.ingest.count_outcomes).
+    ``counts`` are the download outcomes per class and status (freshnet.data.ingest.count_outcomes).
     """
     problems = []
     searches = len(cfg.classes) * len(cfg.queries)
@@ -137,7 +137,7 @@ def finish(
             {
                 "version": champion["version"],
                 "accuracy": defending["accuracy"],
-                # The champion's holdout rows scored on an earlier night (freshnet.predictions).
+                # The champion's holdout rows scored on an earlier night (freshnet.model.predictions).
                 "cached_predictions": defending.get("cached_predictions", 0),
                 "new_predictions": defending.get(
                     "new_predictions", len(defending.get("shas") or [])
@@ -294,7 +294,7 @@ def outcome_markdown(s: dict[str, Any]) -> str:
 
 def _status(rule: dict[str, Any]) -> str:
     """A rule's word in the summary: pass, FAIL (loud), or not run (never read as a pass)."""
-    from freshnet.policy import rule_status
+    from freshnet.model.policy import rule_status
 
     status = rule_status(rule)
     return "FAIL" if status == "fail" else status

@@ -69,7 +69,7 @@ def announce_promotion(cfg: Config, entry: dict) -> None:
     emit_event(
         event="freshnet.model.promoted",
         resource={
-            "prefect.resource.id": f"freshnet.space.{target}",
+            "prefect.resource.id": f"freshnet.space.publish.{target}",
             "prefect.resource.name": target,
         },
         payload={

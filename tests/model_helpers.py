@@ -45,13 +45,13 @@ def tiny_train_config():
 
 
 def train_flower_model(flower_photos: dict[str, list[Path]], out_dir: Path) -> Path:
-    """Train with ``freshnet.train.train_model`` on the fixed train split; returns model.pkl."""
+    """Train with ``freshnet.model.train.train_model`` on the fixed train split; returns model.pkl."""
     key = str(out_dir)
     if key in _CACHE:
         return _CACHE[key]
     import pandas as pd
 
-    from freshnet.train import image_path, train_model
+    from freshnet.model.train import image_path, train_model
 
     train, _ = split_flowers(flower_photos)
     # The trainer reads <sha256>.jpg from an image folder, as materialized from storage:

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from freshnet import space
 from freshnet.config import SpaceConfig
+from freshnet.space import publish as space
 from tests.app_helpers import ServedApp, bundle_meta
 from tests.model_helpers import split_flowers
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from freshnet import space
 from freshnet.config import SpaceConfig
+from freshnet.space import publish as space
 from tests.app_helpers import ServedApp, bundle_meta
 from tests.ci import in_ci
 

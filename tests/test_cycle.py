@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from freshnet.dataset import load_catalog
+from freshnet.data.dataset import load_catalog
 from freshnet.storage import FileStorage
 
 REPO = Path(__file__).resolve().parents[1]

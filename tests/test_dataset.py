@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from freshnet import dataset as ds
 from freshnet.config import DatasetConfig, ImagesConfig, parse_config
-from freshnet.images import image_key, normalize
+from freshnet.data import dataset as ds
+from freshnet.data.images import image_key, normalize
 from freshnet.storage import FileStorage
 
 IMAGES = ImagesConfig()
@@ -278,7 +278,7 @@ def test_corrupt_catalog_is_a_clear_error_and_loses_nothing(tmp_path, flower_pho
 
 
 def test_accepts_ingest_outcome_objects(tmp_path, flower_photos) -> None:
-    from freshnet.ingest import Outcome
+    from freshnet.data.ingest import Outcome
 
     store = FileStorage(tmp_path / "store")
     cfg = _cfg(tmp_path)

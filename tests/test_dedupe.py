@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from freshnet import dedupe
+from freshnet.data import dedupe
 from freshnet.storage import FileStorage
 
 

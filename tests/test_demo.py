@@ -10,11 +10,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from freshnet import demo
 from freshnet.config import parse_config
-from freshnet.images import normalize
-from freshnet.ingest import count_outcomes, ingest
-from freshnet.sources import search
+from freshnet.data import demo
+from freshnet.data.images import normalize
+from freshnet.data.ingest import count_outcomes, ingest
+from freshnet.data.sources import search
 from freshnet.storage import FileStorage
 
 CLASSES = ["circle", "square", "triangle", "star", "ring"]

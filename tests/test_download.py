@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from freshnet.config import DownloadConfig
-from freshnet.download import address_problem, download, normalize_url, parse_networks
+from freshnet.data.download import address_problem, download, normalize_url, parse_networks
 from tests.badcorpus import HOST, CorpusServer
 
 CFG = DownloadConfig(

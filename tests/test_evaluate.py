@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from freshnet.evaluate import (
+from freshnet.model.evaluate import (
     Comparison,
     Evaluation,
     bootstrap_delta_ci,

@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from freshnet import cli, dataset, feedback, ingest, sources
+from freshnet import cli
 from freshnet.config import ConfigError, parse_config
-from freshnet.images import image_key
+from freshnet.data import dataset, feedback, ingest, sources
+from freshnet.data.images import image_key
 from freshnet.storage import FileStorage, S3Storage
 
 REPO = Path(__file__).resolve().parents[1]

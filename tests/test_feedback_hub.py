@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from freshnet import dataset, feedback, ingest, space
 from freshnet.config import ConfigError, SpaceConfig, parse_config
+from freshnet.data import dataset, feedback, ingest
+from freshnet.space import publish as space
 from freshnet.storage import FileStorage
 from tests.app_helpers import ServedApp, bundle_meta
 from tests.hf_standin import HubStandIn

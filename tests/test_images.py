@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freshnet import images
 from freshnet.config import ImagesConfig
-from freshnet.images import ImageRejected, image_key, normalize, phash_hex, sniff
+from freshnet.data import images
+from freshnet.data.images import ImageRejected, image_key, normalize, phash_hex, sniff
 from tests import badcorpus
 
 CFG = ImagesConfig()

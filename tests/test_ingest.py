@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from freshnet.config import parse_config
-from freshnet.images import image_key
-from freshnet.ingest import Outcome, _DecodeBudget, count_outcomes, ingest
-from freshnet.sources import Candidate
+from freshnet.data.images import image_key
+from freshnet.data.ingest import Outcome, _DecodeBudget, count_outcomes, ingest
+from freshnet.data.sources import Candidate
 from freshnet.storage import FileStorage
 from tests.badcorpus import HOST, CorpusServer
 
@@ -50,8 +50,8 @@ PEAK_RSS_LIMIT_MB = 500
 _INGEST_SCRIPT = """
 import json, sys
 from freshnet.config import parse_config
-from freshnet.ingest import ingest
-from freshnet.sources import Candidate
+from freshnet.data.ingest import ingest
+from freshnet.data.sources import Candidate
 from freshnet.storage import FileStorage
 args = json.load(sys.stdin)
 out = ingest([Candidate(*c) for c in args["candidates"]], parse_config(args["config"]),

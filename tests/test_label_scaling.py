@@ -12,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from freshnet import cycle, dataset, dedupe, embed, labels
+from freshnet import cycle
 from freshnet.config import Config
+from freshnet.data import dataset, dedupe, embed, labels
 from freshnet.storage import FileStorage
 
 CLASSES = ["a", "b", "c"]

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from freshnet import cycle, space
+from freshnet import cycle
 from freshnet.config import parse_config
-from freshnet.ledger import Entry, Ledger, LedgerError, format_status
+from freshnet.space import publish as space
+from freshnet.space.ledger import Entry, Ledger, LedgerError, format_status
 from freshnet.storage import FileStorage
 from tests.app_helpers import bundle_meta
 

@@ -87,7 +87,7 @@ def test_collapsed_yield_ends_degraded_with_reason_logs_artifact_and_notice(
         by_level = [(entry["level"], entry["message"]) for entry in logs]
         names = {entry["name"] for entry in logs}
         # freshnet's own loggers reached the run's logs: the core's lines and the summary table.
-        assert {"freshnet.ingest", "tasks.night"} <= names, names
+        assert {"freshnet.data.ingest", "tasks.night"} <= names, names
         assert any(f"night {NIGHT}: degraded night" in m and "found" in m for _, m in by_level)
         assert any(lvl >= 30 and "yield collapsed" in m for lvl, m in by_level), by_level
         assert any(lvl >= 30 and "quality gate stopped the cycle" in m for lvl, m in by_level)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from freshnet import pixels
-from freshnet.pixels import PixelCache, PixelCacheError, decode_row
+from freshnet.model import pixels
+from freshnet.model.pixels import PixelCache, PixelCacheError, decode_row
 from tests.model_helpers import predict_in_clean_process
 
 SIZE = 40
@@ -180,8 +180,8 @@ def test_cached_loader_trains_with_batch_augmentation_and_exports_without_freshn
     """The cached loader (random resized crops from a larger cached row) trains; the model file
     carries the file pipeline and predicts in a clean process like in-process evaluation."""
     from freshnet.config import TrainConfig
-    from freshnet.evaluate import predict_files
-    from freshnet.train import pixel_cache_size, train_model
+    from freshnet.model.evaluate import predict_files
+    from freshnet.model.train import pixel_cache_size, train_model
     from tests.test_train import flower_manifest
 
     manifest = flower_manifest(flower_photos, tmp_path / "images", ["daisy", "sunflowers"], 15)

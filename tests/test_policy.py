@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from freshnet.config import PolicyConfig
-from freshnet.evaluate import Evaluation, compare, metrics_from
-from freshnet.policy import Decision, Rule, decide, decision_report, rule_status
+from freshnet.model.evaluate import Evaluation, compare, metrics_from
+from freshnet.model.policy import Decision, Rule, decide, decision_report, rule_status
 
 CLASSES = ["a", "b", "c"]
 

@@ -17,8 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from freshnet import cycle, evaluate, predictions
+from freshnet import cycle
 from freshnet.config import parse_config
+from freshnet.model import evaluate, predictions
 from freshnet.storage import FileStorage
 
 CLASSES = ["daisy", "dandelion", "roses"]
@@ -31,7 +32,7 @@ def _export_tiny(path: Path, photos: list[Path], seed: int) -> None:
     from torch import nn
 
     from freshnet.config import TrainConfig
-    from freshnet.train import LABEL_COL, PATH_COL, VALID_COL, build_dls, export_learner
+    from freshnet.model.train import LABEL_COL, PATH_COL, VALID_COL, build_dls, export_learner
 
     df = pd.DataFrame(
         {

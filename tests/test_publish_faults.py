@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from freshnet import cycle, space
+from freshnet import cycle
 from freshnet.config import Config, parse_config
-from freshnet.ledger import Entry, Ledger, LedgerError
+from freshnet.space import publish as space
+from freshnet.space.ledger import Entry, Ledger, LedgerError
 from freshnet.storage import FileStorage, StorageError
 from tests.hf_standin import HubStandIn
 
@@ -277,7 +278,7 @@ def test_publisher_killed_at_each_boundary_is_settled_by_the_next_publish(setup,
     kill_publisher_at(s, point)
     if point != "before-space-commit":
         # The Space serves v2 now; the ledger may not know it yet: status says a publish is pending.
-        from freshnet.ledger import format_status
+        from freshnet.space.ledger import format_status
 
         assert "publish pending: promote v2" in format_status(s.store)
     v3 = s.publish("v3")  # waits out the dead publisher's lease, then settles its intent

@@ -12,7 +12,7 @@ import pytest
 from freshnet import cycle, history, summary
 from freshnet.cli import main
 from freshnet.config import Config
-from freshnet.ledger import format_status
+from freshnet.space.ledger import format_status
 from freshnet.storage import FileStorage, open_storage
 from tests.test_policy import BASE, N, flip, make_eval
 

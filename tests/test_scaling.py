@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from freshnet import dataset, dedupe, embed, history
+from freshnet import history
 from freshnet.config import parse_config
-from freshnet.ledger import Ledger, format_status
+from freshnet.data import dataset, dedupe, embed
+from freshnet.space.ledger import Ledger, format_status
 from freshnet.storage import FileStorage
 
 CLASSES = ["daisy", "roses"]

@@ -16,7 +16,7 @@ from ddgs.exceptions import DDGSException, RatelimitException
 
 from freshnet import cycle, summary
 from freshnet.config import ConfigError, parse_config
-from freshnet.sources import DuckDuckGoSource, SearchBreaker, is_ratelimit
+from freshnet.data.sources import DuckDuckGoSource, SearchBreaker, is_ratelimit
 from tests.ddg_standin import DdgStandIn, point_ddgs_at
 from tests.test_sources import Clock
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from freshnet import space
 from freshnet.config import SpaceConfig
+from freshnet.space import publish as space
 from tests.app_helpers import bundle_meta
 from tests.fixtures_servers import free_port
 
@@ -159,7 +159,7 @@ def test_front_routes_each_request_and_keeps_gradio_sessions_on_their_app(tmp_pa
     a Gradio session's result stream follows its join to the old app, which is then drained."""
     import httpx
 
-    from freshnet.serve import Backend, Front, _stop_proc
+    from freshnet.space.serve import Backend, Front, _stop_proc
 
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "TINY_APP_PIDS": str(tmp_path / "p")}
     apps = []
@@ -223,14 +223,14 @@ def test_front_routes_each_request_and_keeps_gradio_sessions_on_their_app(tmp_pa
 
 def test_direct_mode_redeploys_on_the_same_port_and_reports_the_gap(tmp_path, caplog, monkeypatch):
     """front=False: the app binds the user port, so a redeploy has a gap; it is measured."""
-    from freshnet.serve import SpaceRunner
+    from freshnet.space.serve import SpaceRunner
 
     repo = _tiny_space(tmp_path / "space")
     monkeypatch.setenv("TINY_APP_PIDS", str(tmp_path / "pids.jsonl"))
     port = free_port()
     runner = SpaceRunner(str(repo), port=port, work_dir=tmp_path / "work", poll_s=0.1, front=False)
     thread = threading.Thread(target=runner.run, daemon=True)
-    caplog.set_level("INFO", logger="freshnet.serve")
+    caplog.set_level("INFO", logger="freshnet.space.serve")
     try:
         thread.start()
         deadline = time.monotonic() + 20
@@ -253,7 +253,7 @@ def test_direct_mode_redeploys_on_the_same_port_and_reports_the_gap(tmp_path, ca
 
 
 def test_a_port_in_use_is_a_clear_error(tmp_path):
-    from freshnet.serve import ServeError, SpaceRunner
+    from freshnet.space.serve import ServeError, SpaceRunner
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -270,7 +270,7 @@ def test_redeploy_under_polling_load_fails_no_request(space_model, example_photo
     """A client predicting every 100 ms through a redeploy (v1 -> v2) sees no failed request."""
     from gradio_client import Client, handle_file
 
-    from freshnet.serve import SpaceRunner
+    from freshnet.space.serve import SpaceRunner
 
     target = str(tmp_path / "space")
     cfg = SpaceConfig(target=target)

@@ -215,7 +215,7 @@ def test_two_nights_served(stack: ServedStack) -> None:
         epochs = [e["message"] for e in mine if e["message"].startswith("epoch ")]
         assert len(epochs) == 1 and "valid accuracy" in epochs[0], [e["message"] for e in mine]
         warnings = [
-            e["message"] for e in mine if e["level"] >= 30 and e["name"] == "freshnet.train"
+            e["message"] for e in mine if e["level"] >= 30 and e["name"] == "freshnet.model.train"
         ]
         assert any("init=champion not used" in m for m in warnings), warnings
 
@@ -239,7 +239,7 @@ def test_gpu_worker_killed_mid_training(stack: ServedStack) -> None:
     # Kill only once the train run's own process is inside the trainer (it has logged from it).
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(
-        e["flow_run_id"] == training["id"] and e["name"].startswith("freshnet.train")
+        e["flow_run_id"] == training["id"] and e["name"].startswith("freshnet.model.train")
         for e in stack.api.logs()
     ):
         time.sleep(1)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from freshnet import space
+from freshnet.space import publish as space
 from tests.hf_standin import HubStandIn
 from tests.served_stack import HF_TOKEN, TEST_CONFIG_ENV, ServedStack
 

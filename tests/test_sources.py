@@ -9,7 +9,7 @@ import pytest
 from ddgs.exceptions import DDGSException, RatelimitException, TimeoutException
 
 from freshnet.config import parse_config
-from freshnet.sources import (
+from freshnet.data.sources import (
     Candidate,
     DuckDuckGoSource,
     SearchReport,

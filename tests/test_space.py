@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from freshnet import space
 from freshnet.config import SpaceConfig
+from freshnet.space import publish as space
 from tests.app_helpers import bundle_meta
 from tests.hf_standin import HubStandIn
 
@@ -314,7 +314,7 @@ def test_hf_target_errors():
 
 
 def test_runner_refuses_hf_targets_and_waits_for_a_first_commit(tmp_path):
-    from freshnet.serve import ServeError, SpaceRunner
+    from freshnet.space.serve import ServeError, SpaceRunner
 
     with pytest.raises(ServeError, match="served by Hugging Face itself"):
         SpaceRunner("hf://spaces/alice/flowers")

@@ -18,15 +18,15 @@ import pandas as pd
 import pytest
 
 from freshnet.config import TrainConfig, parse_config
-from freshnet.evaluate import find_label_noise
-from freshnet.storage import FileStorage
-from freshnet.train import (
+from freshnet.model.evaluate import find_label_noise
+from freshnet.model.train import (
     PretrainedWeightsUnavailable,
     TrainError,
     materialize,
     train_model,
     valid_mask,
 )
+from freshnet.storage import FileStorage
 from tests.model_helpers import predict_in_clean_process
 
 TINY = dict(image_size=64, batch_size=16, epochs=1, freeze_epochs=0, device="cpu", augment=False)
@@ -64,7 +64,7 @@ def tiny(tmp_path_factory, flower_photos):
     calls: list[tuple[float, int]] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("freshnet.train")
+    logger = logging.getLogger("freshnet.model.train")
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -216,7 +216,7 @@ def test_same_snapshot_and_seed_train_the_same_weights_while_other_threads_draw_
 
 
 def test_exported_model_loads_and_predicts_without_freshnet(tiny, tmp_path):
-    from freshnet.evaluate import predict_files
+    from freshnet.model.evaluate import predict_files
 
     holdout = tiny["manifest"][tiny["manifest"]["split"] == "holdout"]
     paths = [tiny["root"] / "images" / f"{s}.jpg" for s in holdout["sha256"]]
@@ -229,7 +229,7 @@ def test_exported_model_loads_and_predicts_without_freshnet(tiny, tmp_path):
 
 
 def test_evaluate_model_aligns_by_sha(tiny):
-    from freshnet.evaluate import evaluate_model
+    from freshnet.model.evaluate import evaluate_model
 
     holdout = tiny["manifest"][tiny["manifest"]["split"] == "holdout"]
     shuffled = holdout.sample(frac=1.0, random_state=3)
@@ -244,7 +244,7 @@ def test_evaluate_model_aligns_by_sha(tiny):
 
 
 def test_find_label_noise_flags_confident_disagreements(tiny):
-    from freshnet.evaluate import predict_files
+    from freshnet.model.evaluate import predict_files
 
     train = tiny["train"].reset_index(drop=True)
     images = tiny["root"] / "images"
@@ -315,7 +315,9 @@ def test_champion_warm_start_and_fallback(tiny, tmp_path, flower_photos, caplog)
 
 
 def test_train_snapshot_uploads_model_and_returns_small_dict(tiny, tmp_path):
-    dataset = pytest.importorskip("freshnet.dataset", reason="freshnet/dataset.py not written yet")
+    dataset = pytest.importorskip(
+        "freshnet.data.dataset", reason="freshnet/data/dataset.py not written yet"
+    )
     store = FileStorage(tmp_path / "store")
     manifest = tiny["manifest"]
     for sha in manifest["sha256"]:
@@ -343,7 +345,7 @@ def test_train_snapshot_uploads_model_and_returns_small_dict(tiny, tmp_path):
 
 
 def train_snapshot_call(store, snapshot_id, cfg, tmp_path):
-    from freshnet.train import train_snapshot
+    from freshnet.model.train import train_snapshot
 
     return train_snapshot(store, snapshot_id, cfg, "v1", tmp_path / "work")
 
@@ -358,8 +360,8 @@ def train_snapshot_call(store, snapshot_id, cfg, tmp_path):
 @pytest.mark.slow
 def test_demo_classes_reach_090_within_5_minutes(tmp_path):
     """Issue 5 acceptance: on CPU, the demo classes reach >= 0.90 holdout accuracy in <= 5 min."""
-    from freshnet import demo, ingest, sources
-    from freshnet.evaluate import evaluate_model
+    from freshnet.data import demo, ingest, sources
+    from freshnet.model.evaluate import evaluate_model
 
     cfg = parse_config(
         {

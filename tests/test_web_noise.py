@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from freshnet import cycle, embed
-from freshnet import dataset as ds
+from freshnet import cycle
 from freshnet.config import parse_config
-from freshnet.images import image_key
+from freshnet.data import dataset as ds
+from freshnet.data import embed
+from freshnet.data.images import image_key
 from freshnet.storage import FileStorage
 from tests.test_dataset import _ingest
 from tests.web_noise_helpers import disguise

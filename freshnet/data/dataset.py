@@ -31,9 +31,9 @@ from typing import Any, TypeVar, cast
 import numpy as np
 import pandas as pd
 
-from . import dedupe
-from .config import Config, DatasetConfig
-from .storage import NotFound, Storage
+from freshnet.config import Config, DatasetConfig
+from freshnet.data import dedupe
+from freshnet.storage import NotFound, Storage
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ EXTRA_COLUMNS = ["dhash", "width", "height"]
 ALL_COLUMNS = CATALOG_COLUMNS + EXTRA_COLUMNS
 # A snapshot row is a catalog row without the fields only curation needs.
 SNAPSHOT_COLUMNS = [c for c in CATALOG_COLUMNS if c not in ("orig_sha256", "note")]
-# "feedback": a correction from the app, out of every snapshot until reviewed (freshnet/feedback.py).
+# "feedback": a correction from the app, out of every snapshot until reviewed (freshnet/data/feedback.py).
 STATUSES = ("ok", "label_conflict", "split_conflict", "noisy_label", "dropped", "feedback")
 QUARANTINE_STATUSES = ("label_conflict", "split_conflict", "noisy_label")
 POINTER = "catalog"
@@ -265,7 +265,7 @@ def _decided(store: Storage) -> set[str]:
 
 
 def _signals(store: Storage, sha: str, phash: str | None) -> tuple[int, int, bool]:
-    from .images import image_key
+    from freshnet.data.images import image_key
 
     try:
         data = store.get(image_key(sha))
@@ -298,7 +298,7 @@ def _copy_pairs(
     store: Storage, existing: Sequence[str], pending: Sequence[dict[str, Any]], ddc: Any
 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Disguised-copy pairs: (pending position, catalog row) and (pending a, pending b)."""
-    from . import copies, embed
+    from freshnet.data import copies, embed
 
     # Every image ever accepted is cached since its own night (computed once if the cache is new).
     tonight = [o["sha256"] for o in pending]

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from freshnet.config import ImagesConfig
-from freshnet.dedupe import phash_image
+from freshnet.data.dedupe import phash_image
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .storage import NotFound, Storage
+from freshnet.storage import NotFound, Storage
 
 if TYPE_CHECKING:
     import torch
@@ -361,7 +361,7 @@ def _load(store: Storage, wanted: set[str] | None) -> tuple[dict[str, Row], list
 
 
 def _fetch(store: Storage, shas: Sequence[str]) -> list[bytes | None]:
-    from .images import image_key
+    from freshnet.data.images import image_key
 
     blobs: list[bytes | None] = []
     for s in shas:

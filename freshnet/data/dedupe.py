@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .storage import NotFound, Storage
+from freshnet.storage import NotFound, Storage
 
 log = logging.getLogger(__name__)
 

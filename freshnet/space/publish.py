@@ -22,11 +22,11 @@ from freshnet.storage import sha256_file
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-    from freshnet.ledger import Entry
+    from freshnet.space.ledger import Entry
 
 log = logging.getLogger(__name__)
 
-APP_DIR = Path(os.environ.get("FRESHNET_APP_DIR") or Path(__file__).resolve().parents[1] / "app")
+APP_DIR = Path(os.environ.get("FRESHNET_APP_DIR") or Path(__file__).resolve().parents[2] / "app")
 HF_PREFIX = "hf://spaces/"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 # Packages the Space needs to unpickle and serve model.pkl; pinned to what trained it.
@@ -657,7 +657,7 @@ def rollback_version(history: list[Entry], served: Entry | None, version: str | 
 
     ``served`` is the ledger entry whose commit is the Space's head (not the newest entry).
     """
-    from freshnet.ledger import LedgerError
+    from freshnet.space.ledger import LedgerError
 
     if not history:
         raise LedgerError("nothing to roll back: no model has been published yet")
@@ -698,7 +698,7 @@ def republish_release(
     The model comes from storage and must match the sha256 the ledger recorded; metadata and
     examples come from the Space commit that served it before, when it can still be read.
     """
-    from freshnet.ledger import LedgerError
+    from freshnet.space.ledger import LedgerError
     from freshnet.storage import NotFound
 
     earlier = ledger.find(version)

@@ -1,5 +1,5 @@
 """Where candidate image URLs come from: duckduckgo (ddgs), urls (CSV/JSONL), folder, demo;
-the app's corrections (feedback) are read by freshnet/feedback.py."""
+the app's corrections (feedback) are read by freshnet/data/feedback.py."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def search(
     ``history`` is what earlier nights found per query (load_search_history): an empty first
     page of a query that had results is taken for a block, not for an empty result.
 
-    The nightly calls freshnet.feedback.search_all, which adds the app's corrections (and
+    The nightly calls freshnet.data.feedback.search_all, which adds the app's corrections (and
     handles source.kind = "feedback"): feedback builds on this module, not the other way round.
     """
     kind = cfg.source.kind
@@ -124,7 +124,7 @@ def search_demo(cfg: Config, night: str) -> SearchReport:
     """Ask the local image web (started on demand) for each class and query."""
     import httpx
 
-    from freshnet.demo import ensure_server
+    from freshnet.data.demo import ensure_server
 
     base = ensure_server(cfg)
     candidates: list[Candidate] = []

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from freshnet.space import HfPublisher, PublishError, _git, publisher_for, space_head
+from freshnet.space.publish import HfPublisher, PublishError, _git, publisher_for, space_head
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from freshnet import sources
 from freshnet.config import Config
+from freshnet.data import sources
+from freshnet.data.sources import Candidate, SearchReport, SourceError, _finish
 from freshnet.redact import redact
-from freshnet.sources import Candidate, SearchReport, SourceError, _finish
 from freshnet.storage import S3Storage, Storage, StorageError, open_storage
 
 if TYPE_CHECKING:
@@ -713,7 +713,7 @@ def search_all(
 
 def pending(store: Storage) -> pd.DataFrame:
     """Feedback images waiting for review, oldest first."""
-    from freshnet import dataset  # pandas and the catalog: not for ingest's worker processes
+    from freshnet.data import dataset  # pandas and the catalog: not for ingest's worker processes
 
     df = dataset.load_catalog(store)
     q = df[df["status"] == STATUS]
@@ -738,7 +738,7 @@ def review(store: Storage, shas: Sequence[str] | None, accept: bool) -> list[dic
     ``shas`` are sha256 prefixes of pending feedback images; None means every pending one. One
     catalog commit for all; each decision is recorded in the quarantine audit log.
     """
-    from freshnet import dataset
+    from freshnet.data import dataset
 
     action = "feedback-accept" if accept else "feedback-reject"
     for _ in range(5):

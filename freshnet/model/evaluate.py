@@ -28,7 +28,7 @@ class Evaluation:
     confusion: list[list[int]]  # confusion[i][j]: truth labels[i] predicted labels[j]
     vocab: list[str] = field(default_factory=list)  # the model's classes
     confidence: list[float] = field(default_factory=list)  # probability of the predicted class
-    # Where the predictions came from (freshnet.predictions): rows read from the cache of this
+    # Where the predictions came from (freshnet.model.predictions): rows read from the cache of this
     # model version vs rows the model scored for this evaluation.
     cached_predictions: int = 0
     new_predictions: int = 0
@@ -79,7 +79,7 @@ def predict_files(model_path: Path, paths: list[Path]) -> tuple[list[str], np.nd
     import torch
     from fastai.learner import load_learner
 
-    from freshnet.train import LABEL_COL, PATH_COL
+    from freshnet.model.train import LABEL_COL, PATH_COL
 
     learn = load_learner(Path(model_path), cpu=not torch.cuda.is_available())
     vocab = [str(v) for v in learn.dls.vocab]
@@ -186,7 +186,7 @@ def evaluate_model(
     model_path: Path, version: str, holdout: pd.DataFrame, image_dir: Path
 ) -> Evaluation:
     """Score one model on the holdout rows (sorted by sha256 so evaluations pair up row by row)."""
-    from freshnet.train import image_path
+    from freshnet.model.train import image_path
 
     rows = holdout_rows(holdout)
     paths = [image_path(image_dir, s) for s in rows["sha256"]]
@@ -352,7 +352,7 @@ def find_label_noise(
     """
     import numpy as np
 
-    from freshnet.train import LABEL_COL, image_path
+    from freshnet.model.train import LABEL_COL, image_path
 
     if len(manifest_train) == 0:
         return []

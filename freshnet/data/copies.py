@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .embed import Embeddings
+from freshnet.data.embed import Embeddings
 
 SCALES = np.linspace(0.86, 1.14, 15)  # relative size of the two views: crops up to ~14%
 MARGIN = 0.12  # the template is the centre of one view: what a crop of <= 12% per side keeps

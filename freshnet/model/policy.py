@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from freshnet.evaluate import Comparison, Evaluation, compare
+from freshnet.model.evaluate import Comparison, Evaluation, compare
 
 if TYPE_CHECKING:
     from freshnet.config import PolicyConfig

@@ -25,9 +25,9 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from freshnet.config import Config, ImagesConfig
-from freshnet.download import Downloader, normalize_url
-from freshnet.feedback import is_stored_image, read_stored_image
-from freshnet.images import (
+from freshnet.data.download import Downloader, normalize_url
+from freshnet.data.feedback import is_stored_image, read_stored_image
+from freshnet.data.images import (
     ImageRejected,
     Normalized,
     decode_budget,
@@ -35,7 +35,7 @@ from freshnet.images import (
     image_key,
     normalize,
 )
-from freshnet.sources import Candidate
+from freshnet.data.sources import Candidate
 from freshnet.storage import FileStorage, Storage
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ class _Pool:
         # forkserver, not fork: the parent runs an event loop and threads. The server imports the
         # normalizer once and forks every worker from it, instead of one full import per worker.
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["freshnet.ingest"])
+        ctx.set_forkserver_preload(["freshnet.data.ingest"])
         return cf.ProcessPoolExecutor(self.workers, mp_context=ctx)
 
     async def run(

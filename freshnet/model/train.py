@@ -219,7 +219,7 @@ def build_dls(df: pd.DataFrame, cfg: TrainConfig, device: torch.device, vocab: l
 def pixel_cache_size(cfg: TrainConfig) -> int:
     """The side the pixel cache stores images at: larger than the training size only when random
     resized crops cut into it."""
-    from freshnet.pixels import stored_size
+    from freshnet.model.pixels import stored_size
 
     if cfg.augment and cfg.min_scale < 1:
         return stored_size(cfg.image_size, cfg.cache_margin)
@@ -265,7 +265,7 @@ def build_cached_dls(
     from fastai.data.core import DataLoaders
     from fastai.vision.all import IntToFloatTensor, Normalize, Pipeline, aug_transforms
 
-    from freshnet.pixels import CachedImages, PixelCache, PixelCacheError
+    from freshnet.model.pixels import CachedImages, PixelCache, PixelCacheError
 
     missing = [c for c in ("sha256", LABEL_COL) if c not in manifest.columns]
     if missing:
@@ -311,7 +311,7 @@ def build_cached_dls(
 
 def lite0_body(pretrained: bool) -> nn.Sequential:
     """EfficientNet-Lite0 up to its head conv (shared with the embeddings: one backbone builder)."""
-    from freshnet.embed import lite0_body as body
+    from freshnet.data.embed import lite0_body as body
 
     try:
         return body(pretrained)
@@ -726,7 +726,7 @@ def train_snapshot(
     ``find_noise(model_path, train_rows, image_dir)`` lists training images the new model
     disputes (the caller passes evaluate's check: the trainer does not import the evaluator).
     """
-    from freshnet.dataset import load_manifest  # written in parallel; imported late on purpose
+    from freshnet.data.dataset import load_manifest  # written in parallel; imported late on purpose
 
     work_dir = Path(work_dir)
     manifest = load_manifest(store, snapshot_id)

@@ -1,0 +1,1 @@
+"""Getting images: search, download, dedupe, curate, snapshot, review."""

@@ -1,0 +1,1 @@
+"""Training, predicting, evaluating, and the promotion policy."""

@@ -1,0 +1,1 @@
+"""The Space: bundle, publish (Hub, git), ledger, and the local runner."""
