@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
 CONFIG ?= configs/demo.toml
 PYTEST_ARGS ?= --durations=30
 
-.PHONY: venv run app test test-fast lint format bench clean
+.PHONY: venv run app test test-fast lint format docs bench clean
 
 venv: $(STAMP)
 
@@ -43,6 +43,10 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# README.md's config table, rendered from the config model (tests/test_docs.py checks it).
+docs: venv
+	$(PY) tools/config_table.py
 
 bench: venv
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -37,8 +37,8 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     import torch
 
-    from freshnet.config import SpaceConfig
-    from freshnet.space import publish as space
+    from freshnet.config_sections import SpaceConfig
+    from freshnet.space.bundle import build_bundle
     from tests.app_helpers import ServedApp, bundle_meta
     from tests.model_helpers import split_flowers, train_flower_model
 
@@ -96,9 +96,7 @@ def main() -> int:
                 max_diff_eager, float((torch.tensor(p_eager) - p_base).abs().max())
             )
 
-    bundle = space.build_bundle(
-        model, bundle_meta("bench"), examples, work / "bundle", SpaceConfig()
-    )
+    bundle = build_bundle(model, bundle_meta("bench"), examples, work / "bundle", SpaceConfig())
     errors: list[str] = []
     served: list[float] = []
     lock = threading.Lock()

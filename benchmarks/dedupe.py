@@ -7,7 +7,7 @@ JSON object per figure (DESIGN.md § Benchmarks).
 
 Figures:
 - hash_throughput: >= 900 real photos from ../shared/data/photos, re-encoded at 640 px long side
-  (baseline JPEG, quality 90), hashed from the files: freshnet ``dedupe.hash_files`` vs imagededup;
+  (baseline JPEG, quality 90), hashed from the files: freshnet ``hashing.hash_files`` vs imagededup;
   both use all cores (imagededup: one process per core; freshnet: one thread per core).
 - near_dup_search_1m: 1,000,000 random 64-bit hashes, 1% of them planted near-copies (0..k bits
   flipped), all pairs within k; checked against brute force on the first 50,000 hashes. Runs in a
@@ -42,9 +42,9 @@ from PIL import Image, ImageEnhance
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from freshnet.config import DedupeConfig, ImagesConfig  # noqa: E402
-from freshnet.data import dedupe  # noqa: E402
-from freshnet.storage import FileStorage  # noqa: E402
+from freshnet.config_sections import DedupeConfig, ImagesConfig  # noqa: E402
+from freshnet.data import dedupe, hamming_search, hashing  # noqa: E402
+from freshnet.storage_file import FileStorage  # noqa: E402
 
 SHARED = Path(os.environ.get("FRESHNET_SHARED_DATA", REPO.parent / "shared" / "data"))
 CFG = DedupeConfig()
@@ -78,16 +78,16 @@ def planted(n: int, frac: float, k: int, seed: int) -> tuple[np.ndarray, int]:
 def _search_1m_child(conn) -> None:
     h, planted_n = planted(1_000_000, 0.01, K, seed=1)
     t = time.perf_counter()
-    i, j, _ = dedupe.find_pairs(h, K)
+    i, j, _ = hamming_search.find_pairs(h, K)
     labels = dedupe.components(len(h), i, j)  # the groups (union-find over all pairs)
     seconds = time.perf_counter() - t
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     sub = 50_000
     inside = (i < sub) & (j < sub)
     t = time.perf_counter()
-    bi, bj, _ = dedupe.brute_force_pairs(h[:sub], K)
+    bi, bj, _ = hamming_search.brute_force_pairs(h[:sub], K)
     brute_s = time.perf_counter() - t
-    si, sj, _ = dedupe.find_pairs(h[:sub], K)
+    si, sj, _ = hamming_search.find_pairs(h[:sub], K)
     same = (
         np.array_equal(i[inside], bi)
         and np.array_equal(j[inside], bj)
@@ -139,7 +139,7 @@ def _imagededup_search(enc_path: str) -> None:
 def search_20k_vs_imagededup(tmp: Path) -> dict:
     h, _ = planted(20_000, 0.01, K, seed=2)
     t = time.perf_counter()
-    i, j, _ = dedupe.find_pairs(h, K)
+    i, j, _ = hamming_search.find_pairs(h, K)
     ours = time.perf_counter() - t
     out = {
         "ours_s": ours,
@@ -191,7 +191,7 @@ def incremental_10k(tmp: Path) -> dict:
     keep = dedupe.confirm(
         index, ti, new_dh[qi], np.ones(len(qi), bool), d, CFG.confirm_threshold, 4
     )
-    ii, jj, _ = dedupe.find_pairs(new, K)
+    ii, jj, _ = hamming_search.find_pairs(new, K)
     dedupe.write_segment(
         store, "index/segments/000002.npz", new, new_dh, np.ones(len(new), bool), new
     )
@@ -234,10 +234,10 @@ def hash_throughput(paths: list[Path], tmp: Path) -> dict:
         pool.map(_reencode_640, jobs, chunksize=32)
     files = sorted(d.glob("*.jpg"))
     cpus = os.cpu_count() or 1
-    dedupe.hash_files(files[:50], workers=cpus)  # warm imports and the page cache for both
+    hashing.hash_files(files[:50], workers=cpus)  # warm imports and the page cache for both
     out: dict = {"n": len(files), "workers": cpus, "imagededup": None}
     t = time.perf_counter()
-    ph, _, ok = dedupe.hash_files(files, workers=cpus)
+    ph, _, ok = hashing.hash_files(files, workers=cpus)
     out["ours"] = len(files) / (time.perf_counter() - t)
     out["ok"] = int(ok.sum())
     # The floor under any pHash of a JPEG file: reading it and entropy-decoding it at the
@@ -251,9 +251,9 @@ def hash_throughput(paths: list[Path], tmp: Path) -> dict:
     t = time.perf_counter()
     enc = PHash(verbose=False).encode_images(image_dir=str(d), num_enc_workers=cpus)
     out["imagededup"] = len(enc) / (time.perf_counter() - t)
-    theirs = dedupe.hex_to_u64([enc[f.name] for f in files])
+    theirs = hashing.hex_to_u64([enc[f.name] for f in files])
     # Same algorithm, different resampling (they resize RGB then grey; we decode at reduced scale).
-    out["median_bits_vs_imagededup"] = float(np.median(dedupe.hamming(ph, theirs)))
+    out["median_bits_vs_imagededup"] = float(np.median(hashing.hamming(ph, theirs)))
     return out
 
 
@@ -282,7 +282,7 @@ def _quality_one(path: str) -> tuple[tuple[int, int, bool], list[tuple[str, int,
 
     def sig(b: bytes) -> tuple[int, int, bool]:
         n = normalize(b, icfg)  # the pipeline: ingest's normalize + pHash, curate's dHash
-        _, dh = dedupe.signals_from_bytes(n.data)
+        _, dh = hashing.signals_from_bytes(n.data)
         return int(n.phash, 16), dh, True
 
     base = sig(data)
@@ -311,12 +311,12 @@ def quality(paths: list[Path]) -> dict:
         name: float(hit[np.arange(len(VP)) % len(names) == k].mean())
         for k, name in enumerate(names)
     }
-    i, j, dd = dedupe.find_pairs(P, K)
+    i, j, dd = hamming_search.find_pairs(P, K)
     fp = int(
         dedupe.confirm(index, j, D[i], np.ones(len(i), bool), dd, CFG.confirm_threshold, 0).sum()
     )
-    i20, j20, _ = dedupe.find_pairs(P, 20)
-    dist = dedupe.hamming(P[i20], P[j20])
+    i20, j20, _ = hamming_search.find_pairs(P, 20)
+    dist = hashing.hamming(P[i20], P[j20])
     pairs = n * (n - 1) // 2
     return {
         "photos": n,

@@ -152,7 +152,7 @@ def child_ours(url_file: str, store_dir: str, concurrency: str = str(CONCURRENCY
     from freshnet.config import parse_config
     from freshnet.data.ingest import ingest
     from freshnet.data.sources import Candidate
-    from freshnet.storage import FileStorage
+    from freshnet.storage_file import FileStorage
 
     urls = Path(url_file).read_text().split()
     download = {"allow_private": ["127.0.0.0/8"], "concurrency": int(concurrency)}
@@ -187,7 +187,7 @@ def normalize_seconds(photo_dir: Path) -> float:
     itself, spread perfectly over every core, without HTTP, storage or process overheads.
     """
     sys.path.insert(0, str(REPO))
-    from freshnet.config import ImagesConfig
+    from freshnet.config_sections import ImagesConfig
     from freshnet.data.images import normalize
 
     cfg = ImagesConfig()

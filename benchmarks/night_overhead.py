@@ -2,11 +2,11 @@
 
 The steps, as the nightly cycle runs them (freshnet.cycle), on file storage:
 
-- catalog load and compare-and-swap write (dataset.load_state + one catalog commit),
+- catalog load and compare-and-swap write (catalog.load_state + one catalog.commit),
 - curation of 1,000 new real photos (cycle.curate_step: exact + pHash near-duplicates against the
   index, disguised copies against the embedding cache, groups, splits, the catalog commit),
 - snapshot write (cycle.snapshot_step, new images counted against last night's snapshot),
-- champion evaluation (cycle.evaluate_step) with a champion that scored last night's holdout,
+- champion evaluation (contest.evaluate_step) with a champion that scored last night's holdout,
 - ledger record (Ledger.record) and the night's history record (cycle.record_night_step).
 
 Ingest of the 1,000 photos (freshnet.data.ingest from a folder source) runs first, timed apart: its cost
@@ -107,7 +107,7 @@ def tiny_model(flowers: dict[str, list[Path]], out: Path) -> Path:
     """A tiny real model (freshnet.model.train, 64 px, one epoch): the champion that gets evaluated."""
     import pandas as pd
 
-    from freshnet.config import TrainConfig
+    from freshnet.config_sections import TrainConfig
     from freshnet.model.train import train_model
 
     images = out / "images"
@@ -134,7 +134,7 @@ def build_state(n: int, root: Path, new_dir: Path, pool: Path, model: Path) -> N
     import pandas as pd
 
     from freshnet import cycle, history
-    from freshnet.data import dataset, dedupe, embed
+    from freshnet.data import catalog, dedupe, embed, embed_cache, hashing, place, snapshot
     from freshnet.space.ledger import Ledger
 
     cfg = config(root, new_dir)
@@ -155,13 +155,13 @@ def build_state(n: int, root: Path, new_dir: Path, pool: Path, model: Path) -> N
             "url": [f"https://example.org/img/{i}.jpg" for i in range(n)],
             "query": [f"photo {CLASSES[i % len(CLASSES)]}" for i in range(n)],
             "source": ["duckduckgo"] * n,
-            "phash": dedupe.u64_to_hex(phash),
+            "phash": hashing.u64_to_hex(phash),
             "group": groups,
-            "split": [dataset.split_for_group(g, salt, frac) for g in groups],
+            "split": [place.split_for_group(g, salt, frac) for g in groups],
             "first_seen": first,
             "status": ["ok"] * n,
             "note": [""] * n,
-            "dhash": dedupe.u64_to_hex(dhash),
+            "dhash": hashing.u64_to_hex(dhash),
             "width": [400] * n,
             "height": [300] * n,
         }
@@ -180,10 +180,10 @@ def build_state(n: int, root: Path, new_dir: Path, pool: Path, model: Path) -> N
         key = f"index/segments/{k + 1:06d}-bench.npz"
         dedupe.write_segment(store, key, phash[a:b], dhash[a:b], np.ones(b - a, bool), tags[a:b])
         segments.append(key)
-    state = dataset.CatalogState(
-        dataset._empty_catalog(), dedupe.HashIndex(), NIGHTS, None, {"history": []}
+    state = catalog.CatalogState(
+        catalog.empty_catalog(), dedupe.HashIndex(), NIGHTS, None, {"history": []}
     )
-    dataset._commit(store, state, df, segments, "night_overhead setup")
+    catalog.commit(store, state, df, segments, "night_overhead setup")
     # The embedding cache: random unit vectors, real thumbnails.
     thumbs = []
     from PIL import Image
@@ -198,14 +198,14 @@ def build_state(n: int, root: Path, new_dir: Path, pool: Path, model: Path) -> N
         e = rng.standard_normal((b - a, embed.DIM)).astype(np.float32)
         e /= np.linalg.norm(e, axis=1, keepdims=True)
         rows = [(e[j], *thumbs[(a + j) % len(thumbs)]) for j in range(b - a)]
-        key = f"{embed.PREFIX}{k:04d}-bench.npz"
-        store.put(key, embed._encode(shas[a:b], rows))
+        key = f"{embed_cache.PREFIX}{k:04d}-bench.npz"
+        store.put(key, embed_cache._encode(shas[a:b], rows))
         keys.append(key)
-    store.swap_pointer(embed.POINTER, json.dumps({"segments": keys}).encode(), None)
+    store.swap_pointer(embed_cache.POINTER, json.dumps({"segments": keys}).encode(), None)
     # Last night's snapshot, the champion that scored its holdout, a year of ledger and history.
     snap = cycle.snapshot_step(cfg)
     store.put(f"models/{CHAMPION}/model.pkl", model.read_bytes())
-    holdout = dataset.load_manifest(store, snap["id"])
+    holdout = snapshot.load_manifest(store, snap["id"])
     holdout = holdout[holdout["split"] == "holdout"]
     seed_champion_predictions(cfg, store, holdout)
     ledger = Ledger(store)
@@ -246,8 +246,8 @@ def seed_champion_predictions(cfg, store, holdout) -> None:
 def run_night(n: int, root: Path, new_dir: Path) -> dict:
     import logging
 
-    from freshnet import cycle
-    from freshnet.data import dataset, embed, ingest, sources
+    from freshnet import contest, cycle
+    from freshnet.data import catalog, embed_cache, ingest, sources
     from freshnet.model import evaluate
     from freshnet.space.ledger import Ledger
 
@@ -277,7 +277,7 @@ def run_night(n: int, root: Path, new_dir: Path) -> dict:
 
         return wrapper
 
-    embed.embed_bytes = clocked("embed tonight's images", embed.embed_bytes)
+    embed_cache.embed_bytes = clocked("embed tonight's images", embed_cache.embed_bytes)
     evaluate.predict_files = clocked("champion predicts new holdout rows", evaluate.predict_files)
 
     t = time.perf_counter()
@@ -287,10 +287,10 @@ def run_night(n: int, root: Path, new_dir: Path) -> dict:
     ingest_s = time.perf_counter() - t
     accepted = sum(1 for o in outcomes if o.status == "accepted")
 
-    state = timed("catalog load", dataset.load_state, store)
+    state = timed("catalog load", catalog.load_state, store)
     timed(
         "catalog compare-and-swap write",
-        dataset._commit,
+        catalog.commit,
         store,
         state,
         state.df,
@@ -302,7 +302,7 @@ def run_night(n: int, root: Path, new_dir: Path) -> dict:
     snap = timed("snapshot write", cycle.snapshot_step, cfg, last["snapshot"])
     ev = timed(
         "champion evaluation",
-        cycle.evaluate_step,
+        contest.evaluate_step,
         cfg,
         f"models/{CHAMPION}/model.pkl",
         CHAMPION,

@@ -101,9 +101,9 @@ def main() -> None:
         return
     from train_overhead import demo_manifest
 
-    from freshnet.config import TrainConfig
+    from freshnet.config_sections import TrainConfig
+    from freshnet.model.loaders import pixel_cache_size
     from freshnet.model.pixels import PixelCache
-    from freshnet.model.train import pixel_cache_size
 
     logging.basicConfig(level=logging.WARNING)
     name = torch.cuda.get_device_name(0)

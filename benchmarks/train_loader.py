@@ -71,17 +71,17 @@ def loader_rate(dl, epochs: int) -> tuple[float, float]:
 def main() -> None:
     import torch
 
-    from freshnet.config import TrainConfig
+    from freshnet.config_sections import TrainConfig
     from freshnet.model.evaluate import evaluate_model
-    from freshnet.model.pixels import PixelCache
-    from freshnet.model.train import (
+    from freshnet.model.loaders import (
         VALID_COL,
         build_cached_dls,
         build_dls,
         frame_for,
         pixel_cache_size,
-        train_model,
     )
+    from freshnet.model.pixels import PixelCache
+    from freshnet.model.train import train_model
 
     logging.basicConfig(level=logging.WARNING)
     cores = len(os.sched_getaffinity(0))

@@ -35,7 +35,7 @@ def demo_manifest(image_dir: Path, per_query: int = 40, night: str = "1", seed: 
 
     import pandas as pd
 
-    from freshnet.config import ImagesConfig
+    from freshnet.config_sections import ImagesConfig
     from freshnet.data import demo
     from freshnet.data.images import ImageRejected, normalize
 
@@ -84,7 +84,8 @@ def plain_fastai(manifest_train, image_dir: Path, cfg, out: Path) -> float:
     )
     from torch import nn
 
-    from freshnet.model.train import LITE_MEAN, LITE_STD, lite0_body, valid_mask
+    from freshnet.model.loaders import valid_mask
+    from freshnet.model.network import LITE_MEAN, LITE_STD, lite0_body
 
     start = time.perf_counter()
     set_seed(cfg.seed)
@@ -126,7 +127,7 @@ def plain_fastai(manifest_train, image_dir: Path, cfg, out: Path) -> float:
 def main() -> None:
     import torch
 
-    from freshnet.config import TrainConfig
+    from freshnet.config_sections import TrainConfig
     from freshnet.model.train import train_model
 
     logging.basicConfig(level=logging.WARNING)
@@ -139,7 +140,7 @@ def main() -> None:
         prep = time.perf_counter() - t0
         train = manifest[manifest["split"] == "train"]
         # Warm caches (weights file, imports) so neither side pays the first-touch cost.
-        from freshnet.model.train import lite0_body
+        from freshnet.model.network import lite0_body
 
         lite0_body(True)
         # Interleaved (plain, ours, ours, plain) and the best of each: the machine is shared and noisy.

@@ -3,10 +3,10 @@
 Run from the repo root: ``.venv/bin/python benchmarks/web_noise.py`` (no arguments, no network;
 about 13 minutes on 2 cores). Every night runs the real pipeline on the real photos of
 ``../shared/data/photos`` (5 flower classes, ~190 photos each, plus 29 scenes): each photo goes
-through ``images.normalize`` into a file:// store, then ``dataset.curate``,
-``cycle.label_check_step``, ``dataset.make_snapshot`` and ``train.train_snapshot`` exactly as the
-nightly cycle calls them. Baselines run in the same process and run. Prints a table, then one JSON
-object per figure (DESIGN.md § Benchmarks).
+through ``images.normalize`` into a file:// store, then ``curate.curate``,
+``cycle.label_check_step``, ``snapshot.make_snapshot`` and ``snapshot_train.train_snapshot``
+exactly as the nightly cycle calls them. Baselines run in the same process and run. Prints a
+table, then one JSON object per figure (DESIGN.md § Benchmarks).
 
 Two nights on the flowers: night 1 is a seeded 60% of each class with true labels; it is curated,
 label-checked (no champion yet), snapshotted, and its train split trains the champion. Night 2 is
@@ -67,10 +67,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from freshnet import cycle  # noqa: E402
-from freshnet.config import Config, ImagesConfig, parse_config  # noqa: E402
-from freshnet.data import dataset, embed, images  # noqa: E402
-from freshnet.model import evaluate, train  # noqa: E402
-from freshnet.storage import Storage, open_storage  # noqa: E402
+from freshnet.config import Config, parse_config  # noqa: E402
+from freshnet.config_sections import ImagesConfig  # noqa: E402
+from freshnet.data import embed_cache, images  # noqa: E402
+from freshnet.data.catalog import load_catalog  # noqa: E402
+from freshnet.data.curate import curate  # noqa: E402
+from freshnet.data.snapshot import load_manifest, make_snapshot  # noqa: E402
+from freshnet.model import evaluate, loaders, snapshot_train  # noqa: E402
+from freshnet.storage import Storage  # noqa: E402
+from freshnet.storage_open import open_storage  # noqa: E402
 from tests.web_noise_helpers import disguise  # noqa: E402
 
 SHARED = Path(os.environ.get("FRESHNET_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -146,11 +151,11 @@ def put(store: Storage, outcomes: list[dict], by_sha: dict[str, bytes]) -> None:
 
 def share_embeddings(src: Storage, dst: Storage) -> None:
     """Give ``dst`` the embedding cache of ``src`` (keyed by image sha256: the same values)."""
-    raw, _ = src.read_pointer(embed.POINTER)
+    raw, _ = src.read_pointer(embed_cache.POINTER)
     for key in json.loads(raw)["segments"]:
         dst.put(key, src.get(key))
-    _, token = dst.read_pointer(embed.POINTER)
-    if not dst.swap_pointer(embed.POINTER, raw, token):
+    _, token = dst.read_pointer(embed_cache.POINTER)
+    if not dst.swap_pointer(embed_cache.POINTER, raw, token):
         raise RuntimeError("embedding pointer changed while it was shared")
 
 
@@ -167,9 +172,9 @@ def flagged(check: dict) -> set[str]:
 def train_and_eval(cfg: Config, version: str, holdout, image_dir: Path) -> dict:
     """Snapshot ``cfg``'s store, train a challenger on it and score it on ``holdout``."""
     store = open_storage(cfg.storage)
-    snap = dataset.make_snapshot(store, cfg)
+    snap = make_snapshot(store, cfg)
     result, seconds = timed(
-        train.train_snapshot, store, snap.id, cfg, version, cycle.cache_dir(cfg)
+        snapshot_train.train_snapshot, store, snap.id, cfg, version, cycle.cache_dir(cfg)
     )
     model_path = cycle.cache_dir(cfg) / "models" / version / "model.pkl"
     ev = evaluate.evaluate_model(model_path, version, holdout, image_dir)
@@ -186,7 +191,7 @@ def train_and_eval(cfg: Config, version: str, holdout, image_dir: Path) -> dict:
 
 
 def leak_counts(store: Storage, copies: list[tuple[Photo, Photo]]) -> dict:
-    df = dataset.load_catalog(store).set_index("sha256")
+    df = load_catalog(store).set_index("sha256")
     out = Counter()
     for orig, copy in copies:
         row = df.loc[copy.sha256]
@@ -213,7 +218,7 @@ def leak_counts(store: Storage, copies: list[tuple[Photo, Photo]]) -> dict:
 
 def grouped_photos(store: Storage, photos: list[Photo]) -> tuple[int, list[list[str]]]:
     """Photos that share a group (or an exact sha256) with another photo, and those groups."""
-    df = dataset.load_catalog(store).set_index("sha256")
+    df = load_catalog(store).set_index("sha256")
     by_group: dict[str, list[str]] = defaultdict(list)
     for p in photos:
         by_group[df.loc[p.sha256, "group"]].append(p.path.name)
@@ -256,12 +261,12 @@ def run(tmp: Path) -> None:
     s1 = open_storage(cfg1.storage)
     out1 = [p.outcome() for c in CLASSES for p in night1[c]]
     put(s1, out1, by_sha)
-    dataset.curate(s1, out1, "1", cfg1)
+    curate(s1, out1, "1", cfg1)
     check1 = cycle.label_check_step(cfg1, "1", None)
-    snap1 = dataset.make_snapshot(s1, cfg1)
+    snap1 = make_snapshot(s1, cfg1)
     progress(f"night 1: {len(out1)} photos, {len(check1['issues'])} flagged; training champion")
     trained1, champion_s = timed(
-        train.train_snapshot, s1, snap1.id, cfg1, "champion", cycle.cache_dir(cfg1)
+        snapshot_train.train_snapshot, s1, snap1.id, cfg1, "champion", cycle.cache_dir(cfg1)
     )
     champion = {"version": "champion", "model_key": trained1["model_key"]}
     progress(f"champion trained in {champion_s:.0f}s")
@@ -289,20 +294,20 @@ def run(tmp: Path) -> None:
     clean_out, _ = night2_outcomes(None, 0.0)
     cfg_c, s_c = copy_night1("clean")
     put(s_c, clean_out, by_sha)
-    _, curate_on_s = timed(dataset.curate, s_c, clean_out, "2", cfg_c)
+    _, curate_on_s = timed(curate, s_c, clean_out, "2", cfg_c)
     check_c, label_s = timed(cycle.label_check_step, cfg_c, "2", champion)
     clean_flags = flagged(check_c)
-    snap_c = dataset.make_snapshot(s_c, cfg_c)
-    manifest_c = dataset.load_manifest(s_c, snap_c.id)
+    snap_c = make_snapshot(s_c, cfg_c)
+    manifest_c = load_manifest(s_c, snap_c.id)
     holdout = manifest_c[manifest_c["split"] == "holdout"]
-    eval_dir = train.materialize(s_c, holdout, cycle.cache_dir(cfg_c) / "images")
+    eval_dir = loaders.materialize(s_c, holdout, cycle.cache_dir(cfg_c) / "images")
     progress(f"clean night 2: {len(clean_flags)} flagged; training the clean challenger")
     clean = train_and_eval(cfg_c, "clean", holdout, eval_dir)
     progress(f"clean challenger: {clean['train_s']:.0f}s, accuracy {clean['accuracy']:.4f}")
 
     cfg_p, s_p = copy_night1("phash-only", dedupe={"copies": False})
     put(s_p, clean_out, by_sha)
-    _, curate_off_s = timed(dataset.curate, s_p, clean_out, "2", cfg_p)
+    _, curate_off_s = timed(curate, s_p, clean_out, "2", cfg_p)
 
     # ---- noisy night 2 runs ------------------------------------------------------------------
     runs = []
@@ -313,11 +318,11 @@ def run(tmp: Path) -> None:
             cfg_n, s_n = copy_night1(f"{pair[0]}-{pair[1]}-{f:.2f}")
             share_embeddings(s_c, s_n)
             put(s_n, out, by_sha)
-            dataset.curate(s_n, out, "2", cfg_n)
+            curate(s_n, out, "2", cfg_n)
             flags = flagged(cycle.label_check_step(cfg_n, "2", champion))
             tp = len(flags & flipped)
             fp = len(flags - flipped - clean_flags)
-            status = dataset.load_catalog(s_n).set_index("sha256")["status"]
+            status = load_catalog(s_n).set_index("sha256")["status"]
             runs.append(
                 {
                     "pair": f"{pair[0]}->{pair[1]}",
@@ -351,10 +356,10 @@ def run(tmp: Path) -> None:
     cfg_u, s_u = copy_night1("in-sample", label_check={"enabled": False})
     share_embeddings(s_c, s_u)
     put(s_u, out, by_sha)
-    dataset.curate(s_u, out, "2", cfg_u)
+    curate(s_u, out, "2", cfg_u)
     cycle.label_check_step(cfg_u, "2", champion)  # off: returns at once, as on such a night
     noisy = train_and_eval(cfg_u, "noisy", holdout, eval_dir)
-    manifest_u = dataset.load_manifest(s_u, noisy["snapshot"])
+    manifest_u = load_manifest(s_u, noisy["snapshot"])
     train_u = manifest_u[manifest_u["split"] == "train"].reset_index(drop=True)
     found = evaluate.find_label_noise(
         noisy["model_path"],
@@ -381,7 +386,7 @@ def run(tmp: Path) -> None:
     progress(f"in-sample baseline: {in_tp}/{len(flipped_train)} flipped train images flagged")
 
     # ---- leaks: disguised copies of night 1's holdout ------------------------------------------
-    manifest1 = dataset.load_manifest(s1, snap1.id)
+    manifest1 = load_manifest(s1, snap1.id)
     crng = random.Random(SEED + 1)
     copies = []
     for sha in sorted(manifest1.loc[manifest1["split"] == "holdout", "sha256"]):
@@ -396,7 +401,7 @@ def run(tmp: Path) -> None:
     for name, sections in (("ours", {}), ("baseline", {"dedupe": {"copies": False}})):
         cfg_l, s_l = copy_night1(f"leak-{name}", **sections)
         put(s_l, leak_out, copy_bytes)
-        dataset.curate(s_l, leak_out, "2", cfg_l)
+        curate(s_l, leak_out, "2", cfg_l)
         leaks[name] = leak_counts(s_l, copies)
     progress(f"leaks: ours {leaks['ours']['leaked']}, pHash only {leaks['baseline']['leaked']}")
 
@@ -409,7 +414,7 @@ def run(tmp: Path) -> None:
         if name == "ours":
             share_embeddings(s_c, s_f)  # the flowers' embeddings; the scenes are computed
         put(s_f, all_out, by_sha)
-        report = dataset.curate(s_f, all_out, "1", cfg_f)
+        report = curate(s_f, all_out, "1", cfg_f)
         n, groups = grouped_photos(s_f, everything)
         fps[name] = {
             "grouped": n,

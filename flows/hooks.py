@@ -11,8 +11,9 @@ from datetime import UTC, datetime
 from prefect.deployments import run_deployment
 
 from flows.train import train
-from freshnet import cycle
+from freshnet import contest
 from freshnet.config import Config
+from freshnet.contest import TrainResult
 from freshnet.redact import redact, redact_value
 
 log = logging.getLogger(__name__)
@@ -20,14 +21,14 @@ log = logging.getLogger(__name__)
 MAX_TRAIN_RUNS = 3
 
 
-def run_training(cfg: Config, snapshot_id: str, version: str, init_key: str | None) -> dict:
+def run_training(cfg: Config, snapshot_id: str, version: str, init_key: str | None) -> TrainResult:
     """Embedded: a subflow here. Served: the `train` deployment on the gpu pool, sharing only URIs.
 
-    ``version`` is the night's (cycle.night_version): the same for every attempt at the night, so
+    ``version`` is the night's (contest.night_version): the same for every attempt at the night, so
     a retry reuses a finished training, joins a train run that is still going, and starts a new
     one only when the earlier one ended without a result.
     """
-    done = cycle.find_train_result(cfg, version)
+    done = contest.find_train_result(cfg, version)
     if done is not None:
         log.info("training of %s finished in an earlier attempt: reusing it", version)
         return done
@@ -54,7 +55,7 @@ def run_training(cfg: Config, snapshot_id: str, version: str, init_key: str | No
         )
         state = run.state
         if state is not None and state.is_completed():
-            return cycle.load_train_result(cfg, version)
+            return contest.load_train_result(cfg, version)
         earlier = run.created is not None and run.created < started
         if not (earlier and state is not None and state.is_final()):
             name = state.name if state else "unknown"

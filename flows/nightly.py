@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
 from flows.hooks import notify_failure, run_training
 from flows.logs import run_logs
-from freshnet import cycle, summary
-from freshnet.config import Config, ConfigError, load_config
+from freshnet import contest, summary
+from freshnet.config import Config, ConfigError
+from freshnet.config_load import load_config
 from tasks.dataset import check_labels, curate_images, snapshot_dataset
 from tasks.evaluate import decide_promotion, evaluate_model, read_champion
 from tasks.ingest import download_images, search_images
@@ -39,7 +42,7 @@ def night_run_name() -> str:
     return f"night-{night}"
 
 
-def ending_state(report: dict, ending: str) -> State:
+def ending_state(report: dict[str, Any], ending: str) -> State:
     """Every night ends with a message saying why; a collapsed yield ends Failed, named Degraded
     (red in the UI, and the failure hook notifies), with the night's results kept."""
     if report.get("yield_problems"):
@@ -68,7 +71,7 @@ def nightly(config: str = DEFAULT_CONFIG, night: str | None = None) -> State:
         return ending_state(report, ending)
 
 
-def _cycle(cfg: Config, night: str) -> dict:
+def _cycle(cfg: Config, night: str) -> dict[str, Any]:
     log = get_run_logger()
     searched = search_images(cfg, night)
     ingested = download_images(cfg, night, searched["key"])
@@ -90,7 +93,7 @@ def _cycle(cfg: Config, night: str) -> dict:
         )
 
     init_key = champion["model_key"] if champion and cfg.train.init == "champion" else None
-    version = cycle.night_version(cfg, night, snap["id"], init_key)
+    version = contest.night_version(cfg, night, snap["id"], init_key)
     trained = run_training(cfg, snap["id"], version, init_key)
     challenger = evaluate_model(cfg, trained["model_key"], version, snap["id"])
     defending = (

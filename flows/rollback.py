@@ -6,12 +6,13 @@ from prefect import flow
 
 from flows.hooks import notify_failure
 from flows.logs import run_logs
-from freshnet.config import load_config
+from freshnet.config_load import load_config
+from freshnet.release import LedgerEntry
 from tasks.publish import rollback_space
 
 
 @flow(name="rollback", on_failure=[notify_failure])
-def rollback(config: str = "configs/demo.toml", version: str | None = None) -> dict:
+def rollback(config: str = "configs/demo.toml", version: str | None = None) -> LedgerEntry:
     """Restore ``version`` (default: the previous champion)."""
     with run_logs():
         return rollback_space(load_config(config), version)

@@ -9,7 +9,9 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.logs import run_logs
-from freshnet.config import apply_env, parse_config
+from freshnet.config import parse_config
+from freshnet.config_load import apply_env
+from freshnet.contest import TrainResult
 from tasks.train import train_model
 
 
@@ -21,7 +23,9 @@ def train_run_name() -> str:
 
 
 @flow(name="train", flow_run_name=train_run_name, log_prints=False)
-def train(config: dict, snapshot_id: str, version: str, init_model_key: str | None = None) -> dict:
+def train(
+    config: dict, snapshot_id: str, version: str, init_model_key: str | None = None
+) -> TrainResult:
     """Train on a snapshot; the model and its result dict land in storage under models/<version>/.
 
     ``config`` is the nightly run's config; this machine's FRESHNET_* overrides apply on top, so

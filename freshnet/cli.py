@@ -10,7 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, cast
 
-from freshnet.config import Config, ConfigError, load_config
+from freshnet.config import Config, ConfigError
+from freshnet.config_load import load_config
 from freshnet.lease import LeaseHeld
 from freshnet.redact import install_log_redaction, redact
 
@@ -39,7 +40,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """One nightly cycle in-process; Prefect starts its own temporary API when none is configured."""
     from freshnet.lease import Lease
-    from freshnet.storage import open_storage
+    from freshnet.storage_open import open_storage
 
     cfg = load_config(args.config)  # fail fast, before Prefect starts, on a bad file
     # One embedded night per storage at a time: a second `freshnet run` says so at once instead
@@ -159,51 +160,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_dataset_diff(args: argparse.Namespace) -> int:
     from freshnet import cycle
-    from freshnet.data import dataset
+    from freshnet.data import snapshot
 
     cfg = _config(args)
-    print(dataset.format_diff(dataset.diff_snapshots(cycle.open_store(cfg), args.a, args.b)))
+    print(snapshot.format_diff(snapshot.diff_snapshots(cycle.open_store(cfg), args.a, args.b)))
     return 0
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
     from freshnet import cycle
-    from freshnet.data import dataset
+    from freshnet.data import quarantine
 
     store = cycle.open_store(_config(args))
     if args.action == "list":
-        print(dataset.format_quarantine(dataset.list_quarantine(store)))
+        print(quarantine.format_quarantine(quarantine.list_quarantine(store)))
         return 0
     if not args.sha:
         raise ConfigError(
             f"quarantine {args.action}: give the image sha256 (see 'quarantine list')"
         )
     if args.action == "release":
-        dataset.release(store, args.sha)
+        quarantine.release(store, args.sha)
     elif args.action == "drop":
-        dataset.drop(store, args.sha)
+        quarantine.drop(store, args.sha)
     elif args.action == "relabel":
         if not args.label:
             raise ConfigError("quarantine relabel: --label is required")
-        dataset.relabel(store, args.sha, args.label)
+        quarantine.relabel(store, args.sha, args.label)
     print(f"{args.action}: {args.sha} (applies from the next snapshot)")
     return 0
 
 
 def cmd_feedback(args: argparse.Namespace) -> int:
     from freshnet import cycle
-    from freshnet.data import feedback
+    from freshnet.data import feedback_review
 
     store = cycle.open_store(_config(args))
     if args.action == "list":
-        print(feedback.format_pending(feedback.pending(store)))
+        print(feedback_review.format_pending(feedback_review.pending(store)))
         return 0
     if bool(args.sha) == args.all:
         raise ConfigError(
             f"feedback {args.action}: give image sha256 prefixes or --all (see 'feedback list')"
         )
-    entries = feedback.review(store, None if args.all else args.sha, args.action == "accept")
-    print(feedback.format_entries(entries) or "no feedback waiting for review")
+    entries = feedback_review.review(store, None if args.all else args.sha, args.action == "accept")
+    print(feedback_review.format_entries(entries) or "no feedback waiting for review")
     print("(applies from the next snapshot)")
     return 0
 

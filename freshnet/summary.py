@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from freshnet.config import Config
+
+if TYPE_CHECKING:  # the step results the summary is built from
+    from freshnet.contest import DecideResult, EvaluateResult, TrainResult
+    from freshnet.cycle import (
+        CurateResult,
+        IngestResult,
+        LabelCheckResult,
+        SearchResult,
+        SnapshotResult,
+    )
+    from freshnet.release import LedgerEntry
 
 
 def today(timezone: str, at: datetime | None = None) -> str:
@@ -18,11 +29,11 @@ def today(timezone: str, at: datetime | None = None) -> str:
 def start(
     cfg: Config,
     night: str,
-    searched: dict[str, Any],
-    ingested: dict[str, Any],
-    curated: dict[str, Any],
-    snap: dict[str, Any],
-    checked: dict[str, Any] | None = None,
+    searched: SearchResult,
+    ingested: IngestResult,
+    curated: CurateResult,
+    snap: SnapshotResult,
+    checked: LabelCheckResult | None = None,
 ) -> dict[str, Any]:
     per_class = {}
     for label in cfg.classes:
@@ -58,9 +69,9 @@ def start(
         "outcome": "running",
         "reasons": [],
         # Labels that models which never trained on them dispute: held back for review.
-        "label_issues": (checked or {}).get("issues", []),
-        "label_checked": (checked or {}).get("checked", 0),
-        "label_notes": (checked or {}).get("notes", []),
+        "label_issues": checked.get("issues", []) if checked else [],
+        "label_checked": checked.get("checked", 0) if checked else 0,
+        "label_notes": checked.get("notes", []) if checked else [],
     }
 
 
@@ -117,12 +128,12 @@ def stop(report: dict[str, Any], reason: str) -> dict[str, Any]:
 def finish(
     report: dict[str, Any],
     version: str,
-    trained: dict[str, Any],
-    challenger: dict[str, Any],
-    defending: dict[str, Any] | None,
-    champion: dict[str, Any] | None,
-    decided: dict[str, Any],
-    entry: dict[str, Any] | None,
+    trained: TrainResult,
+    challenger: EvaluateResult,
+    defending: EvaluateResult | None,
+    champion: LedgerEntry | None,
+    decided: DecideResult,
+    entry: LedgerEntry | None,
 ) -> dict[str, Any]:
     decision = decided["decision"]
     return {

@@ -225,7 +225,7 @@ def ensure_bucket(storage_uri: str | None) -> str:
         return "skipped (no storage URI: pass --storage, FRESHNET_STORAGE or --config)"
     if not storage_uri.startswith("s3://"):
         return f"skipped ({storage_uri} is not s3://)"
-    from freshnet.storage import S3Storage
+    from freshnet.storage_s3 import S3Storage
 
     store = S3Storage.from_uri(storage_uri)
     created = store.ensure_bucket()
@@ -238,7 +238,7 @@ def storage_uri(args: argparse.Namespace) -> str | None:
     if os.environ.get("FRESHNET_STORAGE"):
         return os.environ["FRESHNET_STORAGE"]
     if args.config:
-        from freshnet.config import load_config
+        from freshnet.config_load import load_config
 
         return load_config(args.config).storage
     return None

@@ -8,6 +8,7 @@ from prefect import task
 
 from freshnet import cycle
 from freshnet.config import Config
+from freshnet.cycle import IngestResult, SearchResult
 from tasks.progress import UiProgress
 from tasks.report import publish_rejections, publish_search_failures
 from tasks.secrets import load_secret
@@ -39,14 +40,14 @@ def feedback_token(cfg: Config) -> str | None:
 
 
 @task(**_cached_io("search"))
-def search_images(cfg: Config, night: str) -> dict:
+def search_images(cfg: Config, night: str) -> SearchResult:
     result = cycle.search_step(cfg, night, feedback_token=feedback_token(cfg))
     publish_search_failures(result)
     return result
 
 
 @task(**_cached_io("ingest"))
-def download_images(cfg: Config, night: str, search_key: str) -> dict:
+def download_images(cfg: Config, night: str, search_key: str) -> IngestResult:
     progress = UiProgress("download-progress", f"night {night}: downloads", "URLs")
     result = cycle.ingest_step(cfg, night, search_key, on_progress=progress)
     progress.close(f"done: {result['accepted']} accepted, {result['rejected']} not kept")

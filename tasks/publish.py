@@ -7,9 +7,11 @@ import logging
 from prefect import task
 from prefect.events import emit_event
 
-from freshnet import cycle
+from freshnet import contest, release
 from freshnet.config import Config
+from freshnet.contest import BundleResult, DecisionDict, EvaluateResult, TrainResult
 from freshnet.redact import redact
+from freshnet.release import LedgerEntry
 from tasks.report import publish_commit
 from tasks.secrets import load_secret
 
@@ -32,9 +34,13 @@ def hf_token(cfg: Config) -> str | None:
 
 @task
 def build_bundle(
-    cfg: Config, version: str, train_result: dict, evaluation: dict, snapshot_id: str
-) -> dict:
-    return cycle.bundle_step(cfg, version, train_result, evaluation, snapshot_id)
+    cfg: Config,
+    version: str,
+    train_result: TrainResult,
+    evaluation: EvaluateResult,
+    snapshot_id: str,
+) -> BundleResult:
+    return contest.bundle_step(cfg, version, train_result, evaluation, snapshot_id)
 
 
 @task
@@ -42,12 +48,12 @@ def publish_space(
     cfg: Config,
     version: str,
     bundle_path: str,
-    train_result: dict,
-    evaluation: dict,
-    decision: dict,
+    train_result: TrainResult,
+    evaluation: EvaluateResult,
+    decision: DecisionDict,
     snapshot_id: str,
-) -> dict:
-    entry = cycle.publish_step(
+) -> LedgerEntry:
+    entry = release.publish_step(
         cfg,
         version,
         bundle_path,
@@ -62,14 +68,14 @@ def publish_space(
     return entry
 
 
-def announce_promotion(cfg: Config, entry: dict) -> None:
+def announce_promotion(cfg: Config, entry: LedgerEntry) -> None:
     """The event the "model promoted" automation (infra/bootstrap.py) listens to."""
     # Prefect stores and shows events: a git target may carry a token.
     target = redact(cfg.space.target)
     emit_event(
         event="freshnet.model.promoted",
         resource={
-            "prefect.resource.id": f"freshnet.space.publish.{target}",
+            "prefect.resource.id": f"freshnet.space.{target}",
             "prefect.resource.name": target,
         },
         payload={
@@ -82,16 +88,16 @@ def announce_promotion(cfg: Config, entry: dict) -> None:
 
 
 @task
-def rollback_space(cfg: Config, version: str | None) -> dict:
-    entry = cycle.rollback_step(cfg, version, token=hf_token(cfg))
+def rollback_space(cfg: Config, version: str | None) -> LedgerEntry:
+    entry = release.rollback_step(cfg, version, token=hf_token(cfg))
     publish_commit(cfg, entry)
     announce_promotion(cfg, entry)
     return entry
 
 
 @task
-def promote_space(cfg: Config, version: str, reason: str) -> dict:
-    entry = cycle.promote_step(cfg, version, reason, token=hf_token(cfg))
+def promote_space(cfg: Config, version: str, reason: str) -> LedgerEntry:
+    entry = release.promote_step(cfg, version, reason, token=hf_token(cfg))
     publish_commit(cfg, entry)
     announce_promotion(cfg, entry)
     return entry

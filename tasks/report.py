@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from prefect import task
 from prefect.artifacts import (
@@ -15,12 +16,15 @@ from prefect.artifacts import (
 
 from freshnet import cycle
 from freshnet.config import Config
+from freshnet.contest import DecideResult
+from freshnet.cycle import LabelCheckResult, SearchResult, SnapshotResult
 from freshnet.redact import redact
+from freshnet.release import LedgerEntry
 
 HISTORY_KEY = "night-history"
 
 
-def publish_search_failures(result: dict) -> None:
+def publish_search_failures(result: SearchResult) -> None:
     if result["failures"]:
         create_table_artifact(
             key="search-failures",
@@ -44,7 +48,7 @@ def publish_rejections(counts: dict[str, dict[str, int]]) -> None:
     )
 
 
-def publish_dataset(snap: dict) -> None:
+def publish_dataset(snap: SnapshotResult) -> None:
     rows = [
         {"class": label, "train": c.get("train", 0), "holdout": c.get("holdout", 0)}
         for label, c in sorted(snap["counts"].items())
@@ -57,7 +61,7 @@ def publish_dataset(snap: dict) -> None:
     )
 
 
-def publish_label_issues(check: dict) -> None:
+def publish_label_issues(check: LabelCheckResult) -> None:
     rows = [
         {
             "image": i["sha256"][:12],
@@ -77,7 +81,7 @@ def publish_label_issues(check: dict) -> None:
     )
 
 
-def publish_decision(result: dict) -> None:
+def publish_decision(result: DecideResult) -> None:
     """The report (rules, paired numbers, confusion table) and, where storage gives a browser URL,
     the confusion matrix image."""
     d = result["decision"]
@@ -87,9 +91,10 @@ def publish_decision(result: dict) -> None:
         markdown=result["report"],
         description=f"{verdict}: {d['summary']}",
     )
-    if result.get("confusion_url"):
+    url = result.get("confusion_url")
+    if url:
         create_image_artifact(
-            image_url=result["confusion_url"],
+            image_url=url,
             key="confusion-matrix",
             description=f"Challenger confusion matrix (holdout); stored at "
             f"{result.get('confusion_key')}; the link expires after 7 days",
@@ -111,7 +116,7 @@ def space_page(target: str) -> str:
     return Path(target.removeprefix("file://")).resolve().as_uri()
 
 
-def publish_commit(cfg: Config, entry: dict) -> None:
+def publish_commit(cfg: Config, entry: LedgerEntry) -> None:
     target = cfg.space.target
     desc = f"The Space serving `{entry['version']}` (commit `{entry['commit']}`)"
     if target.startswith("hf://spaces/"):
@@ -134,7 +139,7 @@ def publish_history(rows: list[dict]) -> None:
 
 
 @task
-def record_night(cfg: Config, summary: dict) -> dict:
+def record_night(cfg: Config, summary: dict[str, Any]) -> dict[str, Any]:
     """Add the night to the history in storage and publish the history table."""
     from prefect.runtime import flow_run
 

@@ -7,13 +7,16 @@ import contextlib
 from prefect import task
 from prefect.concurrency.sync import concurrency
 
-from freshnet import cycle
+from freshnet import contest
 from freshnet.config import Config
+from freshnet.contest import TrainResult
 from tasks.progress import UiProgress
 
 
 @task
-def train_model(cfg: Config, snapshot_id: str, version: str, init_model_key: str | None) -> dict:
+def train_model(
+    cfg: Config, snapshot_id: str, version: str, init_model_key: str | None
+) -> TrainResult:
     # Served mode: one training per GPU at a time (global limit `gpu`, created by
     # infra/bootstrap.py); a short lease frees the slot soon after a killed trainer. Embedded mode
     # trains in-process, one night at a time, and its temporary server has no such limit.
@@ -24,7 +27,7 @@ def train_model(cfg: Config, snapshot_id: str, version: str, init_model_key: str
     )
     with slot:
         progress = UiProgress("training-progress", f"training {version}", "epochs")
-        result = cycle.train_step(cfg, snapshot_id, version, init_model_key, on_progress=progress)
+        result = contest.train_step(cfg, snapshot_id, version, init_model_key, on_progress=progress)
         accuracy = result["metrics"]["valid_accuracy"]
         progress.close(f"done: valid accuracy {accuracy:.3f}")
         return result

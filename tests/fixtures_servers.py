@@ -395,7 +395,7 @@ def s3_env(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> dict[str
 @pytest.fixture
 def s3_uri(s3_env: dict[str, str]) -> str:
     """A fresh, empty bucket on the moto server, as ``s3://bucket/prefix``."""
-    from freshnet.storage import S3Storage
+    from freshnet.storage_s3 import S3Storage
 
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     S3Storage(bucket).ensure_bucket()

@@ -30,7 +30,7 @@ def split_flowers(flower_photos: dict[str, list[Path]]) -> tuple[list[Path], dic
 
 def tiny_train_config():
     """The nightly's trainer, made small: 128 px, no augmentation, one frozen and one full epoch."""
-    from freshnet.config import TrainConfig
+    from freshnet.config_sections import TrainConfig
 
     return TrainConfig(
         image_size=128,
@@ -51,7 +51,8 @@ def train_flower_model(flower_photos: dict[str, list[Path]], out_dir: Path) -> P
         return _CACHE[key]
     import pandas as pd
 
-    from freshnet.model.train import image_path, train_model
+    from freshnet.model.loaders import image_path
+    from freshnet.model.train import train_model
 
     train, _ = split_flowers(flower_photos)
     # The trainer reads <sha256>.jpg from an image folder, as materialized from storage:

@@ -260,7 +260,7 @@ class ServedStack:
 
     def direct_storage(self):  # noqa: ANN201
         """The bucket straight through moto, bypassing the proxy (works while 'S3 is down')."""
-        from freshnet.storage import S3Storage
+        from freshnet.storage_s3 import S3Storage
 
         os.environ.update(S3_TEST_ENV)
         return S3Storage(BUCKET, "demo", endpoint_url=self.moto.endpoint_url)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from freshnet.config import SpaceConfig
-from freshnet.space import publish as space
+from freshnet.config_sections import SpaceConfig
+from freshnet.space.bundle import build_bundle
 from tests.app_helpers import ServedApp, bundle_meta
 from tests.model_helpers import split_flowers
 
@@ -131,7 +131,7 @@ def test_compiled_model_matches_learn_predict_under_concurrency(
 def served(space_model, example_photos, tmp_path_factory):
     """The bundle served by `python app.py`, exactly as the Space runs it."""
     root = tmp_path_factory.mktemp("served")
-    bundle = space.build_bundle(
+    bundle = build_bundle(
         space_model,
         bundle_meta("v-served"),
         example_photos,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from freshnet.config import SpaceConfig
-from freshnet.space import publish as space
+from freshnet.config_sections import SpaceConfig
+from freshnet.space.bundle import build_bundle
 from tests.app_helpers import ServedApp, bundle_meta
 from tests.ci import in_ci
 
@@ -42,7 +42,7 @@ def test_upload_an_example_photo_and_read_the_top_label(
 ):
     from playwright.sync_api import expect, sync_playwright
 
-    bundle = space.build_bundle(
+    bundle = build_bundle(
         space_model,
         bundle_meta("v-browser"),
         example_photos,

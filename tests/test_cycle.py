@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from freshnet.data.dataset import load_catalog
-from freshnet.storage import FileStorage
+from freshnet.data.catalog import load_catalog
+from freshnet.storage_file import FileStorage
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from freshnet.config import DatasetConfig, ImagesConfig, parse_config
-from freshnet.data import dataset as ds
+from freshnet.config import parse_config
+from freshnet.config_sections import DatasetConfig, ImagesConfig
+from freshnet.data import batch, catalog, curate, place, quarantine, snapshot
 from freshnet.data.images import image_key, normalize
-from freshnet.storage import FileStorage
+from freshnet.storage_file import FileStorage
 
 IMAGES = ImagesConfig()
 
@@ -65,12 +66,12 @@ def _night1(tmp_path, flower_photos, per_class: int = 30):
         for label in ("daisy", "roses")
         for p in flower_photos[label][:per_class]
     ]
-    rep = ds.curate(store, outs, "1", cfg)
+    rep = curate.curate(store, outs, "1", cfg)
     return store, cfg, outs, rep
 
 
 def _rows(store) -> dict[str, dict]:
-    return {r["sha256"]: r for r in ds.load_catalog(store).to_dict("records")}
+    return {r["sha256"]: r for r in catalog.load_catalog(store).to_dict("records")}
 
 
 def test_night_two_copies_follow_their_group_and_never_leak(tmp_path, flower_photos) -> None:
@@ -79,7 +80,7 @@ def test_night_two_copies_follow_their_group_and_never_leak(tmp_path, flower_pho
     before = _rows(store)
     holdout = [o for o in outs if before[o["sha256"]]["split"] == "holdout"]
     assert 5 <= len(holdout) <= 35
-    snap1 = ds.make_snapshot(store, cfg)
+    snap1 = snapshot.make_snapshot(store, cfg)
 
     # Night 2: resized / recompressed copies of every night-1 image, exact repeats, and new photos.
     night2, source_of = [], {}
@@ -95,7 +96,7 @@ def test_night_two_copies_follow_their_group_and_never_leak(tmp_path, flower_pho
         _ingest(store, "daisy", p.read_bytes(), f"http://x/new/{p.name}")
         for p in flower_photos["daisy"][30:35]
     ]
-    rep2 = ds.curate(store, night2, "2", cfg)
+    rep2 = curate.curate(store, night2, "2", cfg)
 
     after = _rows(store)
     assert {s: (r["split"], r["group"]) for s, r in before.items()} == {
@@ -103,8 +104,8 @@ def test_night_two_copies_follow_their_group_and_never_leak(tmp_path, flower_pho
     }, "splits and groups of existing images must never change"
     assert rep2.duplicate_total >= 5 and rep2.new_total == 5
     assert rep2.near_duplicate_total >= 0.95 * len(source_of)
-    snap2 = ds.make_snapshot(store, cfg)
-    train = set(ds.load_manifest(store, snap2.id).query("split == 'train'")["sha256"])
+    snap2 = snapshot.make_snapshot(store, cfg)
+    train = set(snapshot.load_manifest(store, snap2.id).query("split == 'train'")["sha256"])
     for copy, src in source_of.items():
         row = after[copy]
         if before[src]["split"] == "holdout":
@@ -113,11 +114,11 @@ def test_night_two_copies_follow_their_group_and_never_leak(tmp_path, flower_pho
             assert row["split"] == before[src]["split"]
     assert all(r["first_seen"] == "1" for s, r in after.items() if s in before)
 
-    diff = ds.diff_snapshots(store, snap1.id, snap2.id)
+    diff = snapshot.diff_snapshots(store, snap1.id, snap2.id)
     assert diff["removed"].sum() == 0
     assert diff["added"].sum() == snap2.rows - snap1.rows
     assert set(diff["label"]) == {"daisy", "roses"}
-    text = ds.format_diff(diff)
+    text = snapshot.format_diff(diff)
     assert "(total)" in text and "holdout" in text
 
 
@@ -129,25 +130,25 @@ def test_copy_under_another_label_is_quarantined_and_review_persists(
     path = flower_photos["daisy"][0]
     wrong = _ingest(store, "roses", _jpeg(path, 0.5), "http://elsewhere/rose.jpg")
     exact_wrong = dict(outs[1], label="roses", url="http://elsewhere/same-bytes.jpg")
-    rep = ds.curate(store, [wrong, exact_wrong], "2", cfg)
+    rep = curate.curate(store, [wrong, exact_wrong], "2", cfg)
     assert rep.per_class["roses"]["quarantined"] == 2
     rows = _rows(store)
     for sha in (wrong["sha256"], original["sha256"], outs[1]["sha256"]):
         assert rows[sha]["status"] == "label_conflict"
         assert "daisy" in rows[sha]["note"] and "roses" in rows[sha]["note"]
-    q = ds.list_quarantine(store)
+    q = quarantine.list_quarantine(store)
     assert {wrong["sha256"], original["sha256"], outs[1]["sha256"]} <= set(q["sha256"])
-    assert wrong["sha256"][:12] in ds.format_quarantine(
+    assert wrong["sha256"][:12] in quarantine.format_quarantine(
         q
-    ) and "label_conflict" in ds.format_quarantine(q)
-    snap = ds.load_manifest(store, ds.make_snapshot(store, cfg).id)
+    ) and "label_conflict" in quarantine.format_quarantine(q)
+    snap = snapshot.load_manifest(store, snapshot.make_snapshot(store, cfg).id)
     assert not {wrong["sha256"], original["sha256"]} & set(snap["sha256"])
 
     # Review: the copy really is a daisy, the original is fine, the other one goes.
-    ds.relabel(store, wrong["sha256"][:10], "daisy")
-    ds.release(store, original["sha256"])
-    ds.drop(store, outs[1]["sha256"])
-    decisions = json.loads(store.get(ds.DECISIONS_KEY))["decisions"]
+    quarantine.relabel(store, wrong["sha256"][:10], "daisy")
+    quarantine.release(store, original["sha256"])
+    quarantine.drop(store, outs[1]["sha256"])
+    decisions = json.loads(store.get(quarantine.DECISIONS_KEY))["decisions"]
     assert [d["action"] for d in decisions] == ["relabel", "release", "drop"]
 
     # A later night with unrelated photos and a noisy-label flag: the decisions still hold.
@@ -155,19 +156,19 @@ def test_copy_under_another_label_is_quarantined_and_review_persists(
         _ingest(store, "roses", p.read_bytes(), f"http://x/r/{p.name}")
         for p in flower_photos["roses"][40:45]
     ]
-    ds.curate(store, more, "3", cfg)
+    curate.curate(store, more, "3", cfg)
     assert (
-        ds.quarantine_images(
+        quarantine.quarantine_images(
             store, [original["sha256"], outs[2]["sha256"]], "noisy_label", "p=0.97"
         )
         == 1
     )
-    m = ds.load_manifest(store, ds.make_snapshot(store, cfg).id).set_index("sha256")
+    m = snapshot.load_manifest(store, snapshot.make_snapshot(store, cfg).id).set_index("sha256")
     assert m.loc[wrong["sha256"], "label"] == "daisy"
     assert original["sha256"] in m.index  # reviewer's release outranks the later noise flag
     assert outs[1]["sha256"] not in m.index and outs[2]["sha256"] not in m.index
-    with pytest.raises(ds.QuarantineError, match="no image"):
-        ds.release(store, "ffffffffffff")
+    with pytest.raises(quarantine.QuarantineError, match="no image"):
+        quarantine.release(store, "ffffffffffff")
 
 
 def _fake(label: str, sha: str, phash: int) -> dict:
@@ -190,7 +191,7 @@ def _sha_with_split(split: str, cfg, start: int) -> str:
     for i in range(start, start + 1000):
         sha = hashlib.sha256(str(i).encode()).hexdigest()
         if (
-            ds.split_for_group(sha[:16], cfg.dataset.split_salt, cfg.dataset.holdout_fraction)
+            place.split_for_group(sha[:16], cfg.dataset.split_salt, cfg.dataset.holdout_fraction)
             == split
         ):
             return sha
@@ -202,7 +203,7 @@ def test_image_near_train_and_holdout_groups_is_split_conflict(tmp_path) -> None
     cfg = _cfg(tmp_path, holdout_fraction=0.5)
     x = 0x0123456789ABCDEF
     a, b = _sha_with_split("train", cfg, 1), _sha_with_split("holdout", cfg, 5000)
-    ds.curate(
+    curate.curate(
         store, [_fake("daisy", a, x), _fake("daisy", b, x ^ 0b11111)], "1", cfg
     )  # 5 bits apart
     rows = _rows(store)
@@ -212,69 +213,69 @@ def test_image_near_train_and_holdout_groups_is_split_conflict(tmp_path) -> None
         and rows[a]["group"] != rows[b]["group"]
     )
     c = hashlib.sha256(b"c").hexdigest()
-    rep = ds.curate(store, [_fake("daisy", c, x ^ 0b11)], "2", cfg)  # 2 bits from a, 3 from b
+    rep = curate.curate(store, [_fake("daisy", c, x ^ 0b11)], "2", cfg)  # 2 bits from a, 3 from b
     assert rep.per_class["daisy"]["quarantined"] == 1
     row = _rows(store)[c]
     assert row["status"] == "split_conflict" and row["split"] == "none"
     assert "train" in row["note"] and "holdout" in row["note"]
-    with pytest.raises(ds.QuarantineError, match="leak"):
-        ds.release(store, c)
+    with pytest.raises(quarantine.QuarantineError, match="leak"):
+        quarantine.release(store, c)
     assert _rows(store)[a]["split"] == "train" and _rows(store)[b]["split"] == "holdout"
 
 
 def test_quality_gate_names_the_class(tmp_path, flower_photos) -> None:
     store, cfg, outs, _ = _night1(tmp_path, flower_photos, per_class=12)
-    snap = ds.make_snapshot(store, cfg)
-    problems = ds.check_quality(snap, cfg.dataset, cfg.classes)
+    snap = snapshot.make_snapshot(store, cfg)
+    problems = snapshot.check_quality(snap, cfg.dataset, cfg.classes)
     assert any("'daisy'" in p and "train" in p for p in problems)
     assert any("'roses'" in p for p in problems)
-    with pytest.raises(ds.QualityGateFailed, match="roses"):
-        ds.require_quality(snap, cfg.dataset, cfg.classes)
-    ok = ds.Snapshot(
+    with pytest.raises(snapshot.QualityGateFailed, match="roses"):
+        snapshot.require_quality(snap, cfg.dataset, cfg.classes)
+    ok = snapshot.Snapshot(
         "x", "k", {"a": {"train": 300, "holdout": 50}, "b": {"train": 40, "holdout": 10}}, 400
     )
-    problems = ds.check_quality(ok, DatasetConfig(), ["a", "b", "c"])
+    problems = snapshot.check_quality(ok, DatasetConfig(), ["a", "b", "c"])
     assert problems == [
         "class 'c': 0 train images, need at least 30",
         "class 'c': 0 holdout images, need at least 10",
     ]
-    problems = ds.check_quality(ok, DatasetConfig(max_imbalance=5), ["a", "b"])
+    problems = snapshot.check_quality(ok, DatasetConfig(max_imbalance=5), ["a", "b"])
     assert len(problems) == 1 and "'b'" in problems[0] and "7.5x" in problems[0]
 
 
 def test_snapshot_id_is_a_content_hash(tmp_path, flower_photos) -> None:
     s1, cfg, outs, _ = _night1(tmp_path / "one", flower_photos, per_class=8)
-    a = ds.make_snapshot(s1, cfg)
-    assert ds.make_snapshot(s1, cfg).id == a.id
+    a = snapshot.make_snapshot(s1, cfg)
+    assert snapshot.make_snapshot(s1, cfg).id == a.id
     s2 = FileStorage(tmp_path / "two")
     for o in outs:
         s2.put(image_key(o["sha256"]), s1.get(image_key(o["sha256"])))
-    ds.curate(s2, list(reversed(outs)), "1", cfg)
-    b = ds.make_snapshot(s2, cfg)
+    curate.curate(s2, list(reversed(outs)), "1", cfg)
+    b = snapshot.make_snapshot(s2, cfg)
     assert b.id == a.id and b.counts == a.counts and a.rows == 16
-    assert ds.load_snapshot(s2, b.id).counts == a.counts
+    assert snapshot.load_snapshot(s2, b.id).counts == a.counts
 
 
 def test_corrupt_catalog_is_a_clear_error_and_loses_nothing(tmp_path, flower_photos) -> None:
     store, cfg, outs, _ = _night1(tmp_path, flower_photos, per_class=5)
-    snap = ds.make_snapshot(store, cfg)
-    ptr, token = store.read_pointer(ds.POINTER)
+    snap = snapshot.make_snapshot(store, cfg)
+    ptr, token = store.read_pointer(catalog.POINTER)
     key = json.loads(ptr)["catalog_key"]
     good = store.get(key)
     store.put(key, b"PAR1 garbage")
     more = [_ingest(store, "daisy", p.read_bytes(), "u") for p in flower_photos["daisy"][20:22]]
-    with pytest.raises(ds.CatalogError, match=key.replace(".", r"\.")):
-        ds.curate(store, more, "2", cfg)
-    assert store.read_pointer(ds.POINTER) == (ptr, token)
-    assert len(ds.load_manifest(store, snap.id)) == snap.rows  # the snapshot is untouched
+    with pytest.raises(catalog.CatalogError, match=key.replace(".", r"\.")):
+        curate.curate(store, more, "2", cfg)
+    assert store.read_pointer(catalog.POINTER) == (ptr, token)
+    assert len(snapshot.load_manifest(store, snap.id)) == snap.rows  # the snapshot is untouched
     store.put(key, good)  # restoring the bytes restores everything
-    assert ds.curate(store, more, "2", cfg).new_total == 2
-    _, token = store.read_pointer(ds.POINTER)
-    assert store.swap_pointer(ds.POINTER, b"{not json", token)
-    with pytest.raises(ds.CatalogError, match="pointer 'catalog'"):
-        ds.load_catalog(store)
-    with pytest.raises(ds.CatalogError, match="not found"):
-        ds.load_manifest(store, "0000000000000000")
+    assert curate.curate(store, more, "2", cfg).new_total == 2
+    _, token = store.read_pointer(catalog.POINTER)
+    assert store.swap_pointer(catalog.POINTER, b"{not json", token)
+    with pytest.raises(catalog.CatalogError, match="pointer 'catalog'"):
+        catalog.load_catalog(store)
+    with pytest.raises(catalog.CatalogError, match="not found"):
+        snapshot.load_manifest(store, "0000000000000000")
 
 
 def test_accepts_ingest_outcome_objects(tmp_path, flower_photos) -> None:
@@ -287,14 +288,14 @@ def test_accepts_ingest_outcome_objects(tmp_path, flower_photos) -> None:
         Outcome(**d),
         Outcome(label="roses", url="http://x/bad", query="q", source="s", status="decode_error"),
     ]
-    rep = ds.curate(store, outs, "1", cfg)
+    rep = curate.curate(store, outs, "1", cfg)
     assert rep.per_class["roses"]["new"] == 1 and rep.per_class["daisy"] == {
         "new": 0,
         "duplicate": 0,
         "near_duplicate": 0,
         "quarantined": 0,
     }
-    assert ds.CurationReport.from_dict(json.loads(json.dumps(rep.to_dict()))) == rep
+    assert batch.CurationReport.from_dict(json.loads(json.dumps(rep.to_dict()))) == rep
 
 
 def test_bridging_image_merges_groups_of_one_split(tmp_path) -> None:
@@ -303,14 +304,14 @@ def test_bridging_image_merges_groups_of_one_split(tmp_path) -> None:
     x = 0x0123456789ABCDEF
     a = _sha_with_split("train", cfg, 1)
     b = _sha_with_split("train", cfg, int(a[:4], 16) % 97 + 3000)
-    ds.curate(store, [_fake("daisy", a, x), _fake("daisy", b, x ^ 0b11111)], "1", cfg)
+    curate.curate(store, [_fake("daisy", a, x), _fake("daisy", b, x ^ 0b11111)], "1", cfg)
     before = _rows(store)
     assert before[a]["group"] != before[b]["group"]
     c, d = hashlib.sha256(b"c").hexdigest(), hashlib.sha256(b"d").hexdigest()
     # c is near a and b (bridges them); d is near only the one whose group the merge absorbs.
     absorbed_is_b = before[b]["group"] > before[a]["group"]
     dh = (x ^ 0b11111 ^ (3 << 40)) if absorbed_is_b else (x ^ (7 << 40))
-    rep = ds.curate(store, [_fake("daisy", c, x ^ 0b11), _fake("daisy", d, dh)], "2", cfg)
+    rep = curate.curate(store, [_fake("daisy", c, x ^ 0b11), _fake("daisy", d, dh)], "2", cfg)
     assert rep.per_class["daisy"]["near_duplicate"] == 2
     rows = _rows(store)
     gid = min(before[a]["group"], before[b]["group"])
@@ -319,18 +320,18 @@ def test_bridging_image_merges_groups_of_one_split(tmp_path) -> None:
 
 
 def test_index_compaction_and_pruning_keep_state_whole(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(ds, "MAX_SEGMENTS", 3)
-    monkeypatch.setattr(ds, "KEEP_VERSIONS", 2)
+    monkeypatch.setattr(curate, "MAX_SEGMENTS", 3)
+    monkeypatch.setattr(catalog, "KEEP_VERSIONS", 2)
     store = FileStorage(tmp_path / "store")
     cfg = _cfg(tmp_path)
     shas = []
     for night in range(1, 9):
         sha = hashlib.sha256(f"n{night}".encode()).hexdigest()
         shas.append(sha)
-        ds.curate(
+        curate.curate(
             store, [_fake("daisy", sha, (night * 0x9E3779B97F4A7C15) % 2**64)], str(night), cfg
         )
-        state = ds.load_state(store)
+        state = catalog.load_state(store)
         assert state.df["sha256"].tolist() == shas and len(state.index) == night
         assert len(state.index.segments) <= 3
     assert len(store.list("catalog/")) == 2

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from freshnet.data import dedupe
-from freshnet.storage import FileStorage
+from freshnet.data import dedupe, hamming_search, hashing
+from freshnet.storage_file import FileStorage
 
 
 def _planted(n: int, copies: int, max_flips: int, seed: int = 0) -> np.ndarray:
@@ -29,8 +29,8 @@ def _planted(n: int, copies: int, max_flips: int, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("k", [0, 3, 8, 10])
 def test_find_pairs_equals_brute_force(k: int) -> None:
     h = _planted(6000, 150, 12, seed=k)
-    got = dedupe.find_pairs(h, k)
-    want = dedupe.brute_force_pairs(h, k)
+    got = hamming_search.find_pairs(h, k)
+    want = hamming_search.brute_force_pairs(h, k)
     assert len(want[0]) > 0
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -46,7 +46,7 @@ def test_index_query_equals_brute_force() -> None:
     idx = dedupe.HashIndex(base, base, np.ones(len(base), bool), base)
     qi, ti, d = idx.query(q, 8)
     got = set(zip(qi.tolist(), ti.tolist(), strict=True))
-    dist = dedupe.hamming(q[:, None], base[None, :])
+    dist = hashing.hamming(q[:, None], base[None, :])
     want = {(int(a), int(b)) for a, b in zip(*np.nonzero(dist <= 8), strict=True)}
     assert got == want and len(want) >= 200
     assert np.array_equal(d, dist[qi, ti])
@@ -56,13 +56,13 @@ def test_hashes_match_imagehash(flower_photos) -> None:
     paths = [p for ps in flower_photos.values() for p in ps[:4]]
     for p in paths:
         with Image.open(p) as im:
-            assert f"{dedupe.phash_image(im):016x}" == str(imagehash.phash(im))
-            assert f"{dedupe.dhash_image(im):016x}" == str(imagehash.dhash(im))
-    ph, dh, ok = dedupe.hash_files(paths, workers=1)
+            assert f"{hashing.phash_image(im):016x}" == str(imagehash.phash(im))
+            assert f"{hashing.dhash_image(im):016x}" == str(imagehash.dhash(im))
+    ph, dh, ok = hashing.hash_files(paths, workers=1)
     assert ok.all() and len(ph) == len(paths)
-    exact = dedupe.hex_to_u64([str(imagehash.phash(Image.open(p))) for p in paths])
+    exact = hashing.hex_to_u64([str(imagehash.phash(Image.open(p))) for p in paths])
     # The fast path decodes JPEGs at reduced DCT scale: a few bits of resampling noise at most.
-    assert int(dedupe.hamming(ph, exact).max()) <= 6
+    assert int(hashing.hamming(ph, exact).max()) <= 6
 
 
 def test_variants_are_near_and_distinct_photos_are_not(flower_photos) -> None:
@@ -71,7 +71,7 @@ def test_variants_are_near_and_distinct_photos_are_not(flower_photos) -> None:
     def sig(im: Image.Image, q: int = 90) -> tuple[int, int]:
         buf = io.BytesIO()
         im.convert("RGB").save(buf, "JPEG", quality=q)
-        return dedupe.signals_from_bytes(buf.getvalue())
+        return hashing.signals_from_bytes(buf.getvalue())
 
     base = []
     for p in paths:
@@ -84,8 +84,8 @@ def test_variants_are_near_and_distinct_photos_are_not(flower_photos) -> None:
             sig(im, 40),
             sig(ImageEnhance.Brightness(im).enhance(1.1)),
         ):
-            assert dedupe.hamming(v[0], p0) <= 8 and dedupe.hamming(v[1], d0) <= 12
-    i, _, _ = dedupe.find_pairs(np.array(base, np.uint64), 8)
+            assert hashing.hamming(v[0], p0) <= 8 and hashing.hamming(v[1], d0) <= 12
+    i, _, _ = hamming_search.find_pairs(np.array(base, np.uint64), 8)
     assert len(i) == 0
 
 

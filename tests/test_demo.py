@@ -14,8 +14,8 @@ from freshnet.config import parse_config
 from freshnet.data import demo
 from freshnet.data.images import normalize
 from freshnet.data.ingest import count_outcomes, ingest
-from freshnet.data.sources import search
-from freshnet.storage import FileStorage
+from freshnet.data.search import search
+from freshnet.storage_file import FileStorage
 
 CLASSES = ["circle", "square", "triangle", "star", "ring"]
 

@@ -8,8 +8,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from freshnet.config import DownloadConfig
-from freshnet.data.download import address_problem, download, normalize_url, parse_networks
+from freshnet.config_sections import DownloadConfig
+from freshnet.data.download import download
+from freshnet.data.url_guard import address_problem, normalize_url, parse_networks
 from tests.badcorpus import HOST, CorpusServer
 
 CFG = DownloadConfig(

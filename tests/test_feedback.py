@@ -16,9 +16,16 @@ from PIL import Image
 
 from freshnet import cli
 from freshnet.config import ConfigError, parse_config
-from freshnet.data import dataset, feedback, ingest, sources
+from freshnet.data import feedback, ingest, sources
+from freshnet.data.catalog import load_catalog
+from freshnet.data.curate import curate
+from freshnet.data.feedback_review import pending
 from freshnet.data.images import image_key
-from freshnet.storage import FileStorage, S3Storage
+from freshnet.data.quarantine import load_decisions
+from freshnet.data.search import search_all
+from freshnet.data.snapshot import cap_feedback_share, load_manifest, make_snapshot
+from freshnet.storage_file import FileStorage
+from freshnet.storage_s3 import S3Storage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +103,7 @@ def test_app_records_are_read_normalised_and_wait_for_review(tmp_path, flower_ph
         str(upload), "daisy", {"roses": 0.7, "daisy": 0.3}, "v1"
     )
     cfg = _cfg(tmp_path)
-    report = feedback.search_all(cfg, "1")
+    report = search_all(cfg, "1")
     fb = [c for c in report.candidates if c.source == "feedback"]
     assert [(c.label, c.query) for c in fb] == [("daisy", f"feedback:{fid}")]
 
@@ -109,13 +116,13 @@ def test_app_records_are_read_normalised_and_wait_for_review(tmp_path, flower_ph
     with Image.open(io.BytesIO(store.get(image_key(out.sha256)))) as im:
         assert max(im.size) == cfg.images.max_side
 
-    dataset.curate(store, outcomes, "1", cfg)
-    catalog = dataset.load_catalog(store)
+    curate(store, outcomes, "1", cfg)
+    catalog = load_catalog(store)
     assert catalog.set_index("sha256").at[out.sha256, "status"] == "feedback"
-    snap = dataset.make_snapshot(store, cfg)
-    assert out.sha256 not in set(dataset.load_manifest(store, snap.id)["sha256"])
+    snap = make_snapshot(store, cfg)
+    assert out.sha256 not in set(load_manifest(store, snap.id)["sha256"])
     assert snap.rows == 8
-    assert list(feedback.pending(store)["sha256"]) == [out.sha256]
+    assert list(pending(store)["sha256"]) == [out.sha256]
 
 
 def test_abuse_records_are_skipped_with_reasons(tmp_path, photo) -> None:
@@ -280,13 +287,13 @@ def test_share_cap_per_class_and_split_keeps_the_oldest() -> None:
     rows = [("daisy", "train", "web", "1")] * 18 + [("daisy", "holdout", "web", "1")] * 4
     rows += [("daisy", "train", "feedback", str(n)) for n in (5, 3, 4)]
     rows += [("daisy", "holdout", "feedback", "1")] + [("roses", "train", "feedback", "1")]
-    kept, waiting = dataset.cap_feedback_share(_manifest(rows), 0.1)
+    kept, waiting = cap_feedback_share(_manifest(rows), 0.1)
     fb = kept[kept["source"] == "feedback"]
     # 18 web train rows allow 2 (2/20 = 0.1), the oldest; 4 holdout allow 0; a class of only
     # feedback gets none.
     assert sorted(fb["first_seen"]) == ["3", "4"] and set(fb["split"]) == {"train"}
     assert waiting == 3
-    assert dataset.cap_feedback_share(_manifest(rows), 1.0)[1] == 0
+    assert cap_feedback_share(_manifest(rows), 1.0)[1] == 0
 
 
 def test_feedback_config_errors_name_the_key(tmp_path) -> None:
@@ -312,10 +319,10 @@ def test_accept_and_reject_move_rows_into_and_out_of_the_next_snapshot(
     )
     cfg = parse_config(__import__("tomllib").loads(cfg_path.read_text()))
     store = _store(tmp_path)
-    report = feedback.search_all(cfg, "1")
-    dataset.curate(store, ingest.ingest(report.candidates, cfg, store, progress=False), "1", cfg)
-    before = set(dataset.load_manifest(store, dataset.make_snapshot(store, cfg).id)["sha256"])
-    q = feedback.pending(store)
+    report = search_all(cfg, "1")
+    curate(store, ingest.ingest(report.candidates, cfg, store, progress=False), "1", cfg)
+    before = set(load_manifest(store, make_snapshot(store, cfg).id)["sha256"])
+    q = pending(store)
     assert len(q) == 2 and not set(q["sha256"]) & before
 
     daisy, roses = (q.set_index("label").at[lab, "sha256"] for lab in ("daisy", "roses"))
@@ -327,16 +334,14 @@ def test_accept_and_reject_move_rows_into_and_out_of_the_next_snapshot(
     assert cli.main(["feedback", "accept", roses[:10], "-c", str(cfg_path)]) == 1
     assert "not waiting for feedback review (status dropped)" in capsys.readouterr().err
 
-    after = dataset.load_manifest(store, dataset.make_snapshot(store, cfg).id)
+    after = load_manifest(store, make_snapshot(store, cfg).id)
     assert set(after["sha256"]) == before | {daisy}
-    assert feedback.pending(store).empty
-    actions = {d["sha256"]: d["action"] for d in dataset.load_decisions(store)}
+    assert pending(store).empty
+    actions = {d["sha256"]: d["action"] for d in load_decisions(store)}
     assert actions == {daisy: "feedback-accept", roses: "feedback-reject"}
     # The default share cap (0.1 of 5 web images per class and split) holds it back again.
     capped = parse_config({**cfg.dump(), "feedback": {"max_share": 0.1}})
-    assert daisy not in set(
-        dataset.load_manifest(store, dataset.make_snapshot(store, capped).id)["sha256"]
-    )
+    assert daisy not in set(load_manifest(store, make_snapshot(store, capped).id)["sha256"])
 
 
 def test_unreviewed_feedback_cannot_take_web_images_out(tmp_path, flower_photos) -> None:
@@ -348,16 +353,16 @@ def test_unreviewed_feedback_cannot_take_web_images_out(tmp_path, flower_photos)
     shutil.copy(flower_photos["roses"][0], seed / "roses" / "b.jpg")
     cfg = _cfg(tmp_path)
     store = _store(tmp_path)
-    report = feedback.search_all(cfg, "1")
-    dataset.curate(store, ingest.ingest(report.candidates, cfg, store, progress=False), "1", cfg)
+    report = search_all(cfg, "1")
+    curate(store, ingest.ingest(report.candidates, cfg, store, progress=False), "1", cfg)
     # Night 2: the same daisy photo, recompressed, claimed to be roses.
     with Image.open(flower_photos["daisy"][0]) as im:
         buf = io.BytesIO()
         im.convert("RGB").save(buf, "JPEG", quality=70)
     _write(tmp_path / "feedback", "roses", _fid(1), buf.getvalue(), _record(_fid(1), "roses"))
     report = feedback.search(cfg, "2")
-    dataset.curate(store, ingest.ingest(report.candidates, cfg, store, progress=False), "2", cfg)
-    df = dataset.load_catalog(store)
+    curate(store, ingest.ingest(report.candidates, cfg, store, progress=False), "2", cfg)
+    df = load_catalog(store)
     web = df[df["source"] != "feedback"]
     assert set(web["status"]) == {"ok"}
     (fb,) = df[df["source"] == "feedback"].itertuples()
@@ -367,4 +372,4 @@ def test_unreviewed_feedback_cannot_take_web_images_out(tmp_path, flower_photos)
 def test_feedback_as_main_source_requires_the_folder(tmp_path) -> None:
     cfg = _cfg(tmp_path, source={"kind": "feedback", "path": str(tmp_path / "missing")})
     with pytest.raises(sources.SourceError, match="feedback folder does not exist"):
-        feedback.search_all(cfg, "1")
+        search_all(cfg, "1")

@@ -15,10 +15,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from freshnet.config import ConfigError, SpaceConfig, parse_config
-from freshnet.data import dataset, feedback, ingest
-from freshnet.space import publish as space
-from freshnet.storage import FileStorage
+from freshnet.config import ConfigError, parse_config
+from freshnet.config_sections import SpaceConfig
+from freshnet.data import feedback, ingest
+from freshnet.data.curate import curate
+from freshnet.data.feedback_hub import HubFeedbackError
+from freshnet.data.feedback_review import pending
+from freshnet.data.search import search_all
+from freshnet.space.bundle import build_bundle
+from freshnet.storage_file import FileStorage
 from tests.app_helpers import ServedApp, bundle_meta
 from tests.hf_standin import HubStandIn
 
@@ -91,10 +96,10 @@ def _hub_files(hub) -> dict[str, bytes]:
 
 def _night(cfg, night: str, token: str = READ) -> tuple[list, list]:
     """One night's feedback intake: search, ingest, curate (the review queue)."""
-    report = feedback.search_all(cfg, night, feedback_token=token)
+    report = search_all(cfg, night, feedback_token=token)
     store = FileStorage(cfg.storage.removeprefix("file://"))
     outcomes = ingest.ingest(report.candidates, cfg, store, progress=False)
-    dataset.curate(store, outcomes, night, cfg)
+    curate(store, outcomes, night, cfg)
     return report.candidates, outcomes
 
 
@@ -142,7 +147,7 @@ def test_corrections_from_two_replicas_reach_the_review_queue_once(
     # A retried night rereads its own records; the queue still holds each image once.
     again, _ = _night(cfg, "1")
     assert [c.query for c in again] == [f"feedback:{first}"]
-    assert len(feedback.pending(store)) == 1
+    assert len(pending(store)) == 1
 
     b.flush()  # the late replica commits
     second = a.write(_upload(tmp_path, flower_photos["daisy"][4], "d2.jpg"), "daisy", {}, "v1")
@@ -151,7 +156,7 @@ def test_corrections_from_two_replicas_reach_the_review_queue_once(
     assert sorted(c.query for c in found) == sorted([f"feedback:{late}", f"feedback:{second}"])
     nothing, _ = _night(cfg, "3")
     assert nothing == []
-    queue = feedback.pending(store)
+    queue = pending(store)
     assert sorted(queue["query"]) == sorted(f"feedback:{i}" for i in (first, late, second))
     assert sorted(queue["label"]) == ["daisy", "daisy", "roses"]
     # Every commit was the app's own, into its own replica folder; nothing was ever overwritten.
@@ -171,14 +176,14 @@ def test_a_night_takes_at_most_max_per_night_and_leaves_the_rest(
     ]
     sink.flush()
     cfg = _cfg(tmp_path, max_per_night=2)
-    first = feedback.search_all(cfg, "1", feedback_token=READ)
+    first = search_all(cfg, "1", feedback_token=READ)
     assert [c.query for c in first.candidates] == [f"feedback:{i}" for i in sorted(ids)[:2]]
     assert any("wait for a later night" in f["reason"] for f in first.failures)
-    retried = feedback.search_all(cfg, "1", feedback_token=READ)
+    retried = search_all(cfg, "1", feedback_token=READ)
     assert [c.query for c in retried.candidates] == [c.query for c in first.candidates]
-    second = feedback.search_all(cfg, "2", feedback_token=READ)
+    second = search_all(cfg, "2", feedback_token=READ)
     assert [c.query for c in second.candidates] == [f"feedback:{sorted(ids)[2]}"]
-    assert feedback.search_all(cfg, "3", feedback_token=READ).candidates == []
+    assert search_all(cfg, "3", feedback_token=READ).candidates == []
     sink.stop()
 
 
@@ -192,8 +197,8 @@ def test_missing_or_wrong_token_names_the_repo_and_the_key(hub, app, tmp_path) -
             _sink(app, token=token)
     cfg = _cfg(tmp_path)
     for token in (None, "hf_wrong", OTHER):
-        with pytest.raises(feedback.HubFeedbackError) as err:
-            feedback.search_all(cfg, "1", feedback_token=token)
+        with pytest.raises(HubFeedbackError) as err:
+            search_all(cfg, "1", feedback_token=token)
         msg = str(err.value)
         assert f"hf://datasets/{DATASET} (space.feedback_repo)" in msg
         assert "FRESHNET_FEEDBACK_TOKEN" in msg and "space.feedback_token_secret" in msg
@@ -222,11 +227,11 @@ def test_bundle_tells_the_app_its_feedback_repo(tmp_path, flower_photos) -> None
     model = tmp_path / "model.pkl"
     model.write_bytes(b"not read here")
     cfg = SpaceConfig(feedback_repo=DATASET, feedback_every_min=2.5)
-    bundle = space.build_bundle(model, bundle_meta("v1"), [], tmp_path / "bundle", cfg)
+    bundle = build_bundle(model, bundle_meta("v1"), [], tmp_path / "bundle", cfg)
     meta = json.loads((bundle / "metadata.json").read_text())
     assert meta["feedback_repo"] == DATASET and meta["feedback_every_min"] == 2.5
     assert "token" not in json.dumps(meta).lower()
-    plain = space.build_bundle(model, bundle_meta("v1"), [], tmp_path / "plain", SpaceConfig())
+    plain = build_bundle(model, bundle_meta("v1"), [], tmp_path / "plain", SpaceConfig())
     assert "feedback_repo" not in json.loads((plain / "metadata.json").read_text())
 
 
@@ -237,7 +242,7 @@ def test_served_app_correction_lands_in_the_dataset_and_the_queue_once(
     from gradio_client import Client, handle_file
 
     model = space_model
-    bundle = space.build_bundle(
+    bundle = build_bundle(
         model,
         bundle_meta("v-hub"),
         example_photos,
@@ -281,7 +286,7 @@ def test_served_app_correction_lands_in_the_dataset_and_the_queue_once(
     )
     _night(cfg, "1")
     _night(cfg, "2")  # the next night finds nothing new
-    queue = feedback.pending(FileStorage(tmp_path / "store"))
+    queue = pending(FileStorage(tmp_path / "store"))
     assert list(queue["query"]) == [f"feedback:{name[:-5]}"]
     assert list(queue["label"]) == ["tulips"]
 
@@ -310,10 +315,10 @@ def test_bad_records_in_the_repo_are_skipped_with_reasons_once(hub, tmp_path, ph
         commit_message="someone with the token",
     )
     cfg = _cfg(tmp_path)
-    report = feedback.search_all(cfg, "1", feedback_token=READ)
+    report = search_all(cfg, "1", feedback_token=READ)
     assert [c.query for c in report.candidates] == [f"feedback:{good}"]
     (skip,) = [f["reason"] for f in report.failures if bad in f["reason"]]
     assert f"hf://datasets/{DATASET}/feedback/{replica}/daisy/{bad}.json" in skip
     assert "field 'label'" in skip
-    again = feedback.search_all(cfg, "2", feedback_token=READ)
+    again = search_all(cfg, "2", feedback_token=READ)
     assert again.candidates == [] and not any(bad in f["reason"] for f in again.failures)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freshnet.config import ImagesConfig
+from freshnet.config_sections import ImagesConfig
 from freshnet.data import images
 from freshnet.data.images import ImageRejected, image_key, normalize, phash_hex, sniff
 from tests import badcorpus

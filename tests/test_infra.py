@@ -127,7 +127,8 @@ def test_docs_commands_name_real_deployments_parameters_scripts_and_options() ->
 
 def test_docs_name_only_known_settings_and_config_keys() -> None:
     """Every FRESHNET_* variable and `section.key` the READMEs mention is one freshnet reads."""
-    from freshnet.config import NON_CONFIG_ENV, Config, config_env_names
+    from freshnet.config import Config
+    from freshnet.config_load import NON_CONFIG_ENV, config_env_names
 
     known_env = set(config_env_names()) | NON_CONFIG_ENV
     sections = {

@@ -19,7 +19,7 @@ from freshnet.config import parse_config
 from freshnet.data.images import image_key
 from freshnet.data.ingest import Outcome, _DecodeBudget, count_outcomes, ingest
 from freshnet.data.sources import Candidate
-from freshnet.storage import FileStorage
+from freshnet.storage_file import FileStorage
 from tests.badcorpus import HOST, CorpusServer
 
 
@@ -52,7 +52,7 @@ import json, sys
 from freshnet.config import parse_config
 from freshnet.data.ingest import ingest
 from freshnet.data.sources import Candidate
-from freshnet.storage import FileStorage
+from freshnet.storage_file import FileStorage
 args = json.load(sys.stdin)
 out = ingest([Candidate(*c) for c in args["candidates"]], parse_config(args["config"]),
              FileStorage(args["store"]), progress=False)

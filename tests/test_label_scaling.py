@@ -14,8 +14,8 @@ import pytest
 
 from freshnet import cycle
 from freshnet.config import Config
-from freshnet.data import dataset, dedupe, embed, labels
-from freshnet.storage import FileStorage
+from freshnet.data import catalog, dedupe, embed, embed_cache, labels
+from freshnet.storage_file import FileStorage
 
 CLASSES = ["a", "b", "c"]
 
@@ -65,16 +65,16 @@ def _catalog(store, n_old: int, n_new: int, seed: int = 0) -> tuple[pd.DataFrame
     zero = np.zeros(n, np.uint64)
     key = "index/segments/000001-test.npz"
     dedupe.write_segment(store, key, zero, zero, np.ones(n, bool), dedupe.tags_of(shas))
-    state = dataset.CatalogState(dataset._empty_catalog(), dedupe.HashIndex(), 0, None, {})
-    dataset._commit(store, state, df, [key], "test catalog")
+    state = catalog.CatalogState(catalog.empty_catalog(), dedupe.HashIndex(), 0, None, {})
+    catalog.commit(store, state, df, [key], "test catalog")
     # The embedding cache as curation leaves it: every image embedded.
     centres = rng.standard_normal((len(CLASSES), embed.DIM))
     e = centres[true] + 0.6 * rng.standard_normal((n, embed.DIM))
     e = (e / np.linalg.norm(e, axis=1, keepdims=True)).astype(np.float32)
     thumb, hw = np.zeros((embed.THUMB, embed.THUMB), np.uint8), np.array([64, 64])
-    key = f"{embed.PREFIX}0000-test.npz"
-    store.put(key, embed._encode(shas, [(e[i], thumb, hw) for i in range(n)]))
-    store.swap_pointer(embed.POINTER, json.dumps({"segments": [key]}).encode(), None)
+    key = f"{embed_cache.PREFIX}0000-test.npz"
+    store.put(key, embed_cache._encode(shas, [(e[i], thumb, hw) for i in range(n)]))
+    store.swap_pointer(embed_cache.POINTER, json.dumps({"segments": [key]}).encode(), None)
     new_flipped = [shas[i] for i in np.flatnonzero(flip) if i >= n_old]
     return df, new_flipped
 
@@ -83,7 +83,11 @@ def _catalog(store, n_old: int, n_new: int, seed: int = 0) -> tuple[pd.DataFrame
 def spies(monkeypatch):
     """Records what the logistic regression is fitted on and which rows the check judged."""
     seen = {"fit_rows": [], "judged": [], "embedded": []}
-    logistic, oos, ensure = labels._logistic, labels.out_of_sample_probs, embed.ensure_embeddings
+    logistic, oos, ensure = (
+        labels._logistic,
+        labels.out_of_sample_probs,
+        embed_cache.ensure_embeddings,
+    )
 
     def spy_logistic(x_train, y_train, x_test, k):
         seen["fit_rows"].append(len(x_train))
@@ -100,7 +104,7 @@ def spies(monkeypatch):
 
     monkeypatch.setattr(labels, "_logistic", spy_logistic)
     monkeypatch.setattr(labels, "out_of_sample_probs", spy_oos)
-    monkeypatch.setattr(embed, "ensure_embeddings", spy_ensure)
+    monkeypatch.setattr(embed_cache, "ensure_embeddings", spy_ensure)
     return seen
 
 
@@ -111,7 +115,7 @@ def test_below_the_bound_the_check_is_the_full_check_of_every_row(tmp_path, spie
     check = cycle.label_check_step(cfg, "3")
     # What the check did before max_rows existed: every row, cross-validated and judged.
     lc = cfg.label_check
-    e = embed.assemble(df["sha256"].tolist(), embed.load_cache(store)[0]).emb
+    e = embed_cache.assemble(df["sha256"].tolist(), embed_cache.load_cache(store)[0]).emb
     is_new = (df["first_seen"] == "3").to_numpy()
     lab = df["label"].tolist()
     probs, judged, sources, _ = labels.out_of_sample_probs(

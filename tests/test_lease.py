@@ -9,7 +9,7 @@ import pytest
 
 from freshnet import cli
 from freshnet.lease import Lease, LeaseHeld
-from freshnet.storage import FileStorage
+from freshnet.storage_file import FileStorage
 
 
 def test_second_holder_is_refused_until_the_first_releases(tmp_path):

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from freshnet import cycle
+from freshnet import release
 from freshnet.config import parse_config
-from freshnet.space import publish as space
+from freshnet.space.bundle import build_bundle
 from freshnet.space.ledger import Entry, Ledger, LedgerError, format_status
-from freshnet.storage import FileStorage
+from freshnet.space.publish import space_head
+from freshnet.storage import sha256_file
+from freshnet.storage_file import FileStorage
 from tests.app_helpers import bundle_meta
 
 
@@ -161,12 +163,12 @@ def _promote(cfg, store, version: str, model: Path, examples: list[Path], work: 
     """The nightly publish step: the model in storage, a bundle, then the one publish path."""
     key = f"models/{version}/model.pkl"
     store.put(key, model.read_bytes())
-    bundle = space.build_bundle(model, bundle_meta(version), examples, work / version, cfg.space)
-    entry = cycle.publish_step(
+    bundle = build_bundle(model, bundle_meta(version), examples, work / version, cfg.space)
+    entry = release.publish_step(
         cfg,
         version,
         str(bundle),
-        {"model_key": key, "model_sha256": space.sha256_file(model)},
+        {"model_key": key, "model_sha256": sha256_file(model)},
         {"accuracy": 0.8},
         {"promote": True},
         "snap-test",
@@ -175,11 +177,11 @@ def _promote(cfg, store, version: str, model: Path, examples: list[Path], work: 
 
 
 def _rollback(cfg, version: str | None = None) -> Entry:
-    return Entry.from_dict(cycle.rollback_step(cfg, version))
+    return Entry.from_dict(release.rollback_step(cfg, version))
 
 
 def _manual(cfg, version: str, reason: str) -> Entry:
-    return Entry.from_dict(cycle.promote_step(cfg, version, reason))
+    return Entry.from_dict(release.promote_step(cfg, version, reason))
 
 
 def _git(target: str, *args: str) -> str:
@@ -213,15 +215,15 @@ def test_rollback_republishes_the_earlier_model_as_a_new_commit(
     with pytest.raises(LedgerError, match="only version published"):
         _rollback(cfg)
     e2 = _promote(cfg, store, "v2", v2, example_photos, tmp_path)
-    assert space.space_head(target) == e2.commit
+    assert space_head(target) == e2.commit
 
     entry = _rollback(cfg)
     assert entry.kind == "rollback" and entry.version == "v1" and entry.seq == 3
     assert entry.reason == "rollback from v2" and entry.parent_commit == e2.commit
     assert entry.commit not in (e1.commit, e2.commit)  # a new commit, history kept
     assert _git(target, "rev-parse", f"{entry.commit}^").strip() == e2.commit
-    assert space.space_head(target) == entry.commit
-    assert space.sha256_file(Path(target) / "model.pkl") == e1.model_sha256  # serves v1's model
+    assert space_head(target) == entry.commit
+    assert sha256_file(Path(target) / "model.pkl") == e1.model_sha256  # serves v1's model
     meta = json.loads((Path(target) / "metadata.json").read_text())
     assert meta["version"] == "v1" and meta["published_as"] == "rollback"
     assert sorted(p.name for p in (Path(target) / "examples").iterdir()) == [
@@ -244,7 +246,7 @@ def test_rollback_republishes_the_earlier_model_as_a_new_commit(
         _manual(cfg, "v2", " ")
     manual = _manual(cfg, "v2", "v1 misclassifies tulips")
     assert manual.kind == "manual" and manual.reason == "v1 misclassifies tulips"
-    assert space.sha256_file(Path(target) / "model.pkl") == e2.model_sha256
+    assert sha256_file(Path(target) / "model.pkl") == e2.model_sha256
     assert int(_git(target, "rev-list", "--count", "HEAD")) == 4
 
 
@@ -265,7 +267,7 @@ def test_rollback_refuses_a_tampered_model(two_models, example_photos, tmp_path)
     store.put("models/v1/model.pkl", v2.read_bytes())  # storage no longer holds what was published
     with pytest.raises(LedgerError, match="refusing to publish a different model"):
         _rollback(cfg)
-    assert space.space_head(target) == e2.commit and Ledger(store).champion() == e2
+    assert space_head(target) == e2.commit and Ledger(store).champion() == e2
 
 
 def test_promote_manual_needs_the_model_in_storage(tmp_path):
@@ -300,11 +302,11 @@ def test_cli_rollback_and_promote_run_the_flows(tmp_path):
     for version in ("v1", "v2"):
         bundle, model = tiny_bundle(tmp_path, version)
         store.put(f"models/{version}/model.pkl", model.read_bytes())
-        cycle.publish_step(
+        release.publish_step(
             cfg,
             version,
             str(bundle),
-            {"model_key": f"models/{version}/model.pkl", "model_sha256": space.sha256_file(model)},
+            {"model_key": f"models/{version}/model.pkl", "model_sha256": sha256_file(model)},
             {"accuracy": 0.5},
             {},
             "snap",
@@ -331,4 +333,4 @@ def test_cli_rollback_and_promote_run_the_flows(tmp_path):
     assert r.returncode == 0 and "promoted v2 by hand" in r.stdout, r.stderr[-3000:]
     history = Ledger(store).history()
     assert [(e.kind, e.version) for e in history][-2:] == [("rollback", "v1"), ("manual", "v2")]
-    assert space.space_head(str(target)) == Ledger(store).champion().commit == history[-1].commit
+    assert space_head(str(target)) == Ledger(store).champion().commit == history[-1].commit

@@ -179,9 +179,10 @@ def test_cached_loader_trains_with_batch_augmentation_and_exports_without_freshn
 ):
     """The cached loader (random resized crops from a larger cached row) trains; the model file
     carries the file pipeline and predicts in a clean process like in-process evaluation."""
-    from freshnet.config import TrainConfig
+    from freshnet.config_sections import TrainConfig
     from freshnet.model.evaluate import predict_files
-    from freshnet.model.train import pixel_cache_size, train_model
+    from freshnet.model.loaders import pixel_cache_size
+    from freshnet.model.train import train_model
     from tests.test_train import flower_manifest
 
     manifest = flower_manifest(flower_photos, tmp_path / "images", ["daisy", "sunflowers"], 15)

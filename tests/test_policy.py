@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from freshnet.config import PolicyConfig
+from freshnet.config_sections import PolicyConfig
 from freshnet.model.evaluate import Evaluation, compare, metrics_from
 from freshnet.model.policy import Decision, Rule, decide, decision_report, rule_status
 

@@ -3,7 +3,7 @@ images, and the decision is the one a full evaluation gives.
 
 The models are real exported fastai learners (tiny and untrained: a linear layer on the mean
 colour, so flower photos get varied predictions in milliseconds), the storage is a real
-FileStorage holding real photos and snapshot manifests, and the steps are freshnet.cycle's.
+FileStorage holding real photos and snapshot manifests, and the steps are freshnet.cycle's and freshnet.contest's.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from freshnet import cycle
+from freshnet import contest, cycle
 from freshnet.config import parse_config
 from freshnet.model import evaluate, predictions
-from freshnet.storage import FileStorage
+from freshnet.storage_file import FileStorage
 
 CLASSES = ["daisy", "dandelion", "roses"]
 
@@ -31,8 +31,9 @@ def _export_tiny(path: Path, photos: list[Path], seed: int) -> None:
     from fastai.losses import CrossEntropyLossFlat
     from torch import nn
 
-    from freshnet.config import TrainConfig
-    from freshnet.model.train import LABEL_COL, PATH_COL, VALID_COL, build_dls, export_learner
+    from freshnet.config_sections import TrainConfig
+    from freshnet.model.loaders import LABEL_COL, PATH_COL, VALID_COL, build_dls
+    from freshnet.model.train import export_learner
 
     df = pd.DataFrame(
         {
@@ -115,12 +116,12 @@ DECISION_FIELDS = ["shas", "truth", "predicted", "accuracy", "per_class", "confu
 def test_cached_predictions_give_the_same_decision_as_a_full_evaluation(world, night, caplog):
     cfg, calls = night["cfg"], night["calls"]
     snap1, snap2 = world["snaps"]["snap1"], world["snaps"]["snap2"]
-    cycle.evaluate_step(cfg, "models/v1/model.pkl", "v1", "snap1")
+    contest.evaluate_step(cfg, "models/v1/model.pkl", "v1", "snap1")
     assert [sorted(c) for c in calls] == [sorted(snap1)]
     calls.clear()
 
     with caplog.at_level(logging.INFO, logger="freshnet"):
-        champ = cycle.evaluate_step(cfg, "models/v1/model.pkl", "v1", "snap2")
+        champ = contest.evaluate_step(cfg, "models/v1/model.pkl", "v1", "snap2")
     # Only the 12 images night 1 did not score were predicted; the 8 removed ones are not asked.
     new = sorted(set(snap2) - set(snap1))
     assert len(new) == 12 and [sorted(c) for c in calls] == [new]
@@ -129,7 +130,7 @@ def test_cached_predictions_give_the_same_decision_as_a_full_evaluation(world, n
 
     # The challenger is a new version: nothing of v1's cache is reused for it.
     calls.clear()
-    chal = cycle.evaluate_step(cfg, "models/v2/model.pkl", "v2", "snap2")
+    chal = contest.evaluate_step(cfg, "models/v2/model.pkl", "v2", "snap2")
     assert [sorted(c) for c in calls] == [sorted(snap2)]
     assert chal["cached_predictions"] == 0
 
@@ -144,8 +145,8 @@ def test_cached_predictions_give_the_same_decision_as_a_full_evaluation(world, n
     assert champ["predicted"] != chal["predicted"]
     assert len(set(champ["predicted"])) > 1
 
-    cached_out = cycle.decide_step(cfg, chal, champ)
-    full_out = cycle.decide_step(cfg, full_chal.to_dict(), full_champ.to_dict())
+    cached_out = contest.decide_step(cfg, chal, champ)
+    full_out = contest.decide_step(cfg, full_chal.to_dict(), full_champ.to_dict())
     assert cached_out["comparison"] == full_out["comparison"]
     assert cached_out["comparison"]["b"] + cached_out["comparison"]["c"] > 0
     assert cached_out["decision"] == full_out["decision"]
@@ -155,7 +156,7 @@ def test_cached_predictions_give_the_same_decision_as_a_full_evaluation(world, n
 def test_a_corrupt_cache_entry_is_ignored_and_recomputed(world, night, caplog):
     cfg, store, calls = night["cfg"], night["store"], night["calls"]
     snap2 = world["snaps"]["snap2"]
-    cycle.evaluate_step(cfg, "models/v1/model.pkl", "v1", "snap1")
+    contest.evaluate_step(cfg, "models/v1/model.pkl", "v1", "snap1")
     (shard,) = store.list("predictions/v1/")
     # Damage one probability byte in place: still a readable npz, wrong numbers.
     path = Path(cfg.storage.removeprefix("file://")) / shard
@@ -167,7 +168,7 @@ def test_a_corrupt_cache_entry_is_ignored_and_recomputed(world, night, caplog):
     store.put(f"predictions/v1/{hashlib.sha256(junk).hexdigest()[:32]}.npz", junk)
     calls.clear()
     with caplog.at_level(logging.WARNING, logger="freshnet"):
-        ev = cycle.evaluate_step(cfg, "models/v1/model.pkl", "v1", "snap2")
+        ev = contest.evaluate_step(cfg, "models/v1/model.pkl", "v1", "snap2")
     assert [sorted(c) for c in calls] == [sorted(snap2)]  # nothing served from the bad cache
     assert ev["cached_predictions"] == 0
     assert caplog.text.count("is corrupt") == 2
@@ -193,12 +194,12 @@ def test_cache_is_per_version_and_shared_with_the_label_check(world, night):
     assert [sorted(c) for c in calls] == [sorted(rows["sha256"][new])]
     calls.clear()
     # ...so the champion's evaluation of tonight's holdout predicts only the rest.
-    ev = cycle.evaluate_step(cfg, "models/v1/model.pkl", "v1", "snap2")
+    ev = contest.evaluate_step(cfg, "models/v1/model.pkl", "v1", "snap2")
     assert [sorted(c) for c in calls] == [sorted(set(snap2) & set(snap1))]
     assert ev["cached_predictions"] == 12
     # Another version reads only its own folder: v1's entries never answer for v2.
     scored_v2 = predictions.score(
-        store, "v2", snap2, cycle._predictor(cfg, store, "models/v2/model.pkl", "v2")
+        store, "v2", snap2, cycle.predictor(cfg, store, "models/v2/model.pkl", "v2")
     )
     assert scored_v2.cached == 0 and scored_v2.predicted == len(snap2)
     v1 = predictions.load(store, "v1")
@@ -212,7 +213,7 @@ def test_shards_are_merged_and_rows_stay_exact(world, night, monkeypatch):
     monkeypatch.setattr(predictions, "MAX_SHARDS", 2)
     rows = world["rows"]
     shas = [r["sha256"] for r in rows]
-    predict = cycle._predictor(cfg, store, "models/v1/model.pkl", "v1")
+    predict = cycle.predictor(cfg, store, "models/v1/model.pkl", "v1")
     for start in range(0, 36, 9):  # four nights, nine new images each
         predictions.score(store, "v1", shas[: start + 9], predict)
         assert len(store.list("predictions/v1/")) <= 2

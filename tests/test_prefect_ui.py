@@ -36,7 +36,7 @@ def _post(url: str, body: dict) -> list | dict:
 
 @pytest.fixture(scope="module")
 def ui_night(tmp_path_factory, moto_server):
-    from freshnet.storage import S3Storage
+    from freshnet.storage_s3 import S3Storage
 
     root = tmp_path_factory.mktemp("prefect-ui")
     s3 = {**S3_TEST_ENV, "FRESHNET_S3_ENDPOINT_URL": moto_server.endpoint_url}
@@ -126,7 +126,7 @@ def test_night_publishes_the_decision_and_its_confusion_matrix(ui_night, monkeyp
 RECORD = """
 import json, sys
 from prefect import flow
-from freshnet.config import load_config
+from freshnet.config_load import load_config
 from tasks.report import record_night
 
 @flow(name="record-night")

@@ -1,6 +1,6 @@
 """Publishing under faults and races: after the next publish the Space and the ledger agree.
 
-The one publish path (cycle.publish_and_record) is interrupted at each boundary it crosses:
+The one publish path (release.publish_and_record) is interrupted at each boundary it crosses:
 the Space commit, the ledger entry write and the champion pointer move, before and after each,
 for a git Space and for the Hugging Face stand-in. A fault is either a real SIGKILL of a publisher
 process or a failure (the Space or storage raising) in this process. The next publish must then
@@ -25,11 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from freshnet import cycle
+import freshnet.space.publish
+from freshnet import release
 from freshnet.config import Config, parse_config
-from freshnet.space import publish as space
 from freshnet.space.ledger import Entry, Ledger, LedgerError
-from freshnet.storage import FileStorage, StorageError
+from freshnet.space.publish import PublishError, SpaceMoved, publish, space_head
+from freshnet.storage import StorageError, sha256_file
+from freshnet.storage_file import FileStorage
 from tests.hf_standin import HubStandIn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,7 +69,8 @@ def install_fault(
         return wrapper
 
     if boundary == "space-commit":
-        patch(space, "publish", around(space.publish, lambda *a: True))
+        publishers = freshnet.space.publish
+        patch(publishers, "publish", around(publishers.publish, lambda *a: True))
     elif boundary == "ledger-write":
         real = FileStorage.put_if_absent
         patch(
@@ -117,18 +120,18 @@ class Setup:
         bundle, model = tiny_bundle(self.root, version)
         key = f"models/{version}/model.pkl"
         self.store.put(key, model.read_bytes())
-        return bundle, {"model_key": key, "model_sha256": space.sha256_file(model)}
+        return bundle, {"model_key": key, "model_sha256": sha256_file(model)}
 
     def publish(self, version: str) -> Entry:
-        """What the nightly does once a challenger won: cycle.publish_step."""
+        """What the nightly does once a challenger won: release.publish_step."""
         bundle, trained = self.prepare(version)
-        entry = cycle.publish_step(
+        entry = release.publish_step(
             self.cfg, version, str(bundle), trained, {"accuracy": 0.9}, {"promote": True}, "snap"
         )
         return Entry.from_dict(entry)
 
     def head(self) -> str | None:
-        return space.space_head(self.target, token=HF_TOKEN)
+        return space_head(self.target, token=HF_TOKEN)
 
     def space_commits(self) -> list[tuple[str, str]]:
         """(commit, title) of every commit the Space got, newest first."""
@@ -165,7 +168,7 @@ class Setup:
 def setup(request, tmp_path, monkeypatch) -> Iterator[Setup]:
     monkeypatch.setenv("FRESHNET_CACHE", str(tmp_path / "cache"))
     # A killed publisher's lease blocks the next one for its TTL; keep that short here.
-    monkeypatch.setattr(cycle, "PUBLISH_LEASE_TTL_S", 0.5)
+    monkeypatch.setattr(release, "PUBLISH_LEASE_TTL_S", 0.5)
     cfg = {"classes": ["a", "b"], "storage": f"file://{tmp_path / 'store'}"}
     if request.param == "git":
         cfg["space"] = {"target": str(tmp_path / "space")}
@@ -189,7 +192,7 @@ def _expect_after_fault(s: Setup, point: str, v1: Entry, v3: Entry) -> None:
         # v2 reached the Space: its entry exists (written then, or completed from the intent).
         assert versions == ["v1", "v2", "v3"], versions
         assert v3.parent_commit == history[1].commit and history[1].parent_commit == v1.commit
-        assert history[1].model_sha256 == space.sha256_file(s.root / "bundles/v2/model.pkl")
+        assert history[1].model_sha256 == sha256_file(s.root / "bundles/v2/model.pkl")
 
 
 # ---- failures in this process: the Space or storage raises ------------------------------------
@@ -200,7 +203,7 @@ def test_failure_at_each_publish_boundary_heals_on_the_next_publish(setup, point
     s = setup
     v1 = s.publish("v1")
     if point.endswith("space-commit"):
-        error: Exception = space.PublishError(f"injected Space failure {point}")
+        error: Exception = PublishError(f"injected Space failure {point}")
     else:
         error = StorageError(f"injected storage failure {point}")
 
@@ -224,14 +227,14 @@ def test_failure_at_each_publish_boundary_heals_on_the_next_publish(setup, point
 
 _KILLED_PUBLISHER = r"""
 import json, os, signal, sys
-from freshnet import cycle
+from freshnet import release
 from freshnet.config import parse_config
 from tests.test_publish_faults import install_fault
 
 point, cfg, bundle, trained = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
-cycle.PUBLISH_LEASE_TTL_S = 0.5
+release.PUBLISH_LEASE_TTL_S = 0.5
 install_fault(setattr, point, lambda: os.kill(os.getpid(), signal.SIGKILL))
-cycle.publish_step(
+release.publish_step(
     parse_config(cfg), "v2", bundle, json.loads(trained), {"accuracy": 0.9}, {"promote": True}, "snap"
 )
 """
@@ -297,8 +300,8 @@ def test_a_freshnet_looking_commit_that_is_not_the_intents_is_not_adopted(setup)
     v1 = s.publish("v1")
     kill_publisher_at(s, "before-space-commit")  # an intent is pending, its commit never made
     bundle, _ = tiny_bundle(s.root, "vX")
-    foreign = space.publish(bundle, s.target, "freshnet: promote vX", v1.commit, token=HF_TOKEN)
-    with pytest.raises(space.SpaceMoved, match="someone else changed the Space"):
+    foreign = publish(bundle, s.target, "freshnet: promote vX", v1.commit, token=HF_TOKEN)
+    with pytest.raises(SpaceMoved, match="someone else changed the Space"):
         s.publish("v3")
     ledger = Ledger(s.store)
     assert [e.version for e in ledger.history()] == ["v1"] and ledger.champion() == v1
@@ -323,14 +326,14 @@ def test_default_rollback_starts_from_the_version_the_space_serves(setup, monkey
         lambda: (_ for _ in ()).throw(StorageError("down")),
     )
     with pytest.raises(StorageError):
-        cycle.promote_step(s.cfg, "v1", "v2 looks worse on tulips")
+        release.promote_step(s.cfg, "v1", "v2 looks worse on tulips")
     monkeypatch.undo()
     monkeypatch.setenv("FRESHNET_CACHE", str(s.root / "cache"))
     if s.kind == "hf":
         assert s.hub is not None
         monkeypatch.setenv("HF_ENDPOINT", s.hub.url)
         monkeypatch.setenv("HF_TOKEN", HF_TOKEN)
-    entry = Entry.from_dict(cycle.rollback_step(s.cfg))
+    entry = Entry.from_dict(release.rollback_step(s.cfg))
     assert entry.version == "v2" and entry.reason == "rollback from v1"
     history = s.assert_agree()
     assert [(e.version, e.kind) for e in history] == [
@@ -340,7 +343,7 @@ def test_default_rollback_starts_from_the_version_the_space_serves(setup, monkey
         ("v2", "rollback"),
     ]
     with pytest.raises(LedgerError, match="already what the Space serves"):
-        cycle.rollback_step(s.cfg, "v2")
+        release.rollback_step(s.cfg, "v2")
 
 
 @pytest.mark.parametrize("setup", ["hf"], indirect=True)  # wait_running is for HF Spaces
@@ -352,8 +355,8 @@ def test_rollback_waits_for_the_space_to_run(setup):
     s.publish("v2")
     s.hub.runtime_stage = "RUNTIME_ERROR"
     s.cfg_dict["space"]["wait_running"] = True
-    with pytest.raises(space.PublishError, match="failed to start: stage RUNTIME_ERROR"):
-        cycle.rollback_step(s.cfg, token=HF_TOKEN)
+    with pytest.raises(PublishError, match="failed to start: stage RUNTIME_ERROR"):
+        release.rollback_step(s.cfg, token=HF_TOKEN)
     assert "GET /api/spaces/alice/faults/runtime" in s.hub.paths()
     assert s.assert_agree()[-1].kind == "rollback"  # live and recorded, just not running
 
@@ -366,20 +369,20 @@ def test_rollback_and_manual_promote_race_a_nightly_publish(setup, monkeypatch):
     s.publish("v1")
     s.publish("v2")
     bundle, trained = s.prepare("v3")
-    real_publish = space.publish
+    real_publish = publish
 
     def slow_publish(*args, **kwargs):
         time.sleep(0.15)  # widen the window in which the others try to publish
         return real_publish(*args, **kwargs)
 
-    monkeypatch.setattr(space, "publish", slow_publish)
+    monkeypatch.setattr(freshnet.space.publish, "publish", slow_publish)
     cfg = s.cfg
     jobs = {
-        "nightly": lambda: cycle.publish_step(
+        "nightly": lambda: release.publish_step(
             cfg, "v3", str(bundle), trained, {"accuracy": 0.9}, {"promote": True}, "snap"
         ),
-        "rollback": lambda: cycle.rollback_step(cfg),
-        "manual": lambda: cycle.promote_step(cfg, "v1", "hand-picked"),
+        "rollback": lambda: release.rollback_step(cfg),
+        "manual": lambda: release.promote_step(cfg, "v1", "hand-picked"),
     }
     barrier = threading.Barrier(len(jobs))
     results: dict[str, object] = {}
@@ -421,7 +424,7 @@ def test_a_night_that_keeps_the_champion_still_heals_a_lost_publish(setup):
         with pytest.raises(StorageError, match="injected"):
             s.publish("v2")
     served = s.head()
-    champion = cycle.champion_step(s.cfg)
+    champion = release.champion_step(s.cfg)
     assert champion is not None and champion["version"] == "v2"
     assert champion["commit"] == served
     s.assert_agree()

@@ -290,7 +290,7 @@ def test_a_token_in_the_git_target_appears_nowhere(scanned):
     assert f'"target": "{masked}"' in api["flow_runs"]
     assert f"cannot read the Space at {masked}" in api["flow_runs"]
     assert any("/ledger/" in k and masked in v for k, v in places.items())
-    assert f"freshnet.space.publish.{masked}" in api["events"]
+    assert f"freshnet.space.{masked}" in api["events"]
 
     leaks = sorted(
         f"{where}: ...{text[max(0, text.find(tok) - 120) : text.find(tok) + 40]!r}..."

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from freshnet import cycle, history, summary
+from freshnet import contest, cycle, history, summary
 from freshnet.cli import main
 from freshnet.config import Config
 from freshnet.space.ledger import format_status
-from freshnet.storage import FileStorage, open_storage
+from freshnet.storage_file import FileStorage
+from freshnet.storage_open import open_storage
 from tests.test_policy import BASE, N, flip, make_eval
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,7 +39,7 @@ def _night(cfg: Config, night: str, new: int, snapshot: str = "snap") -> dict:
 def _decided_night(cfg: Config, night: str, chall_ok: list[bool], commit: str | None) -> dict:
     champ = make_eval("v1", BASE).to_dict()
     chall = make_eval(f"v{night[-2:]}", chall_ok).to_dict()
-    decided = cycle.decide_step(cfg, chall, champ)
+    decided = contest.decide_step(cfg, chall, champ)
     entry = {"commit": commit} if commit else None
     return summary.finish(
         _night(cfg, night, 7),
@@ -55,7 +56,7 @@ def _decided_night(cfg: Config, night: str, chall_ok: list[bool], commit: str | 
 def test_decide_step_on_s3_gives_the_ui_a_working_image_url(s3_uri):
     cfg = _cfg(s3_uri)
     champ, chall = make_eval("v1", BASE), make_eval("v2", [True] * N)
-    out = cycle.decide_step(cfg, chall.to_dict(), champ.to_dict())
+    out = contest.decide_step(cfg, chall.to_dict(), champ.to_dict())
     url = out["confusion_url"]
     store = open_storage(s3_uri)
     assert url.startswith(store.endpoint_url + "/") and "X-Amz-Signature=" in url
@@ -84,7 +85,7 @@ def test_presigned_url_is_signed_for_the_public_endpoint(s3_uri, monkeypatch):
 def test_decide_step_on_file_storage_shows_the_table_without_a_broken_image(tmp_path):
     cfg = _cfg(f"file://{tmp_path / 'store'}")
     chall = make_eval("v2", flip([True] * N, [0, 1], False))
-    out = cycle.decide_step(cfg, chall.to_dict(), None)
+    out = contest.decide_step(cfg, chall.to_dict(), None)
     assert out["confusion_url"] is None and "![" not in out["report"]
     assert "## Confusion matrix" in out["report"] and out["confusion_table"] in out["report"]
     assert FileStorage(tmp_path / "store").get("decisions/v2.png").startswith(PNG_MAGIC)
@@ -143,7 +144,7 @@ def test_status_shows_the_last_night_and_its_decision_rule_by_rule(tmp_path, mon
     assert main(["status", "--config", str(cfg_file)]) == 0
     assert "last night: none recorded yet" in capsys.readouterr().out
     # A decision whose night was not recorded (a night that failed later) still shows.
-    cycle.decide_step(cfg, make_eval("v01", BASE).to_dict(), None)
+    contest.decide_step(cfg, make_eval("v01", BASE).to_dict(), None)
     assert "last decision: v01: PROMOTE" in format_status(FileStorage(root))
 
     kept = _decided_night(cfg, "2026-12-02", [False] * N, None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from freshnet import cycle
+from freshnet import contest, cycle
 from freshnet.config import parse_config
 
 
@@ -16,20 +16,20 @@ def _cfg(tmp_path, **train):
 
 def test_every_attempt_at_a_night_names_the_same_version(tmp_path):
     cfg = _cfg(tmp_path)
-    first = cycle.night_version(cfg, "2026-12-03", "snapA", None)
+    first = contest.night_version(cfg, "2026-12-03", "snapA", None)
     time.sleep(1.1)  # versions are time stamps: a regenerated one would differ now
-    assert cycle.night_version(cfg, "2026-12-03", "snapA", None) == first
+    assert contest.night_version(cfg, "2026-12-03", "snapA", None) == first
     # Anything that changes what would be trained names a new version.
     others = {
-        cycle.night_version(cfg, "2026-12-03", "snapB", None),
-        cycle.night_version(cfg, "2026-12-03", "snapA", "models/v1/model.pkl"),
-        cycle.night_version(_cfg(tmp_path, epochs=7), "2026-12-03", "snapA", None),
+        contest.night_version(cfg, "2026-12-03", "snapB", None),
+        contest.night_version(cfg, "2026-12-03", "snapA", "models/v1/model.pkl"),
+        contest.night_version(_cfg(tmp_path, epochs=7), "2026-12-03", "snapA", None),
     }
     assert first not in others
 
 
 def test_a_finished_training_is_found_by_its_version(tmp_path):
     cfg = _cfg(tmp_path)
-    assert cycle.find_train_result(cfg, "v1") is None
+    assert contest.find_train_result(cfg, "v1") is None
     cycle.put_json(cycle.open_store(cfg), "models/v1/result.json", {"model_key": "k"})
-    assert cycle.find_train_result(cfg, "v1") == {"model_key": "k"}
+    assert contest.find_train_result(cfg, "v1") == {"model_key": "k"}

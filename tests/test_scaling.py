@@ -13,9 +13,9 @@ import pandas as pd
 
 from freshnet import history
 from freshnet.config import parse_config
-from freshnet.data import dataset, dedupe, embed
+from freshnet.data import catalog, dedupe, embed, embed_cache, snapshot
 from freshnet.space.ledger import Ledger, format_status
-from freshnet.storage import FileStorage
+from freshnet.storage_file import FileStorage
 
 CLASSES = ["daisy", "roses"]
 
@@ -50,7 +50,7 @@ def _stored(root: Path, images: int) -> FileStorage:
         store.put(f"images/{_sha(i)[:2]}/{_sha(i)}.jpg", b"jpeg")
     rows = 40  # the catalog is the same size in both: only the stored images differ
     shas = [_sha(i) for i in range(rows)]
-    df = pd.DataFrame({c: [""] * rows for c in dataset.ALL_COLUMNS})
+    df = pd.DataFrame({c: [""] * rows for c in catalog.ALL_COLUMNS})
     df["sha256"], df["label"] = shas, [CLASSES[i % 2] for i in range(rows)]
     df["group"] = [s[:16] for s in shas]
     df["split"] = ["holdout" if i % 5 == 0 else "train" for i in range(rows)]
@@ -60,8 +60,8 @@ def _stored(root: Path, images: int) -> FileStorage:
     dedupe.write_segment(
         store, "index/segments/1.npz", zeros, zeros, np.ones(rows, bool), dedupe.tags_of(shas)
     )
-    empty = dataset.CatalogState(dataset._empty_catalog(), dedupe.HashIndex(), 0, None, {})
-    dataset._commit(store, empty, df, ["index/segments/1.npz"], "setup")
+    empty = catalog.CatalogState(catalog.empty_catalog(), dedupe.HashIndex(), 0, None, {})
+    catalog.commit(store, empty, df, ["index/segments/1.npz"], "setup")
     ledger = Ledger(store)
     for k in range(5):
         ledger.record(version=f"v{k}", commit=f"{k:040d}", target="/tmp/space")
@@ -74,9 +74,9 @@ def _night_reads(store: Any, root: Path) -> list[tuple[str, str]]:
     """The ledger and catalog reads and writes of one night, as the cycle makes them."""
     counting = Counting(store)
     cfg = parse_config({"classes": CLASSES, "storage": f"file://{root}"})
-    state = dataset.load_state(counting)
-    dataset._commit(counting, state, state.df, list(state.index.segments), "night")
-    dataset.make_snapshot(counting, cfg)
+    state = catalog.load_state(counting)
+    catalog.commit(counting, state, state.df, list(state.index.segments), "night")
+    snapshot.make_snapshot(counting, cfg)
     ledger = Ledger(counting)
     ledger.champion()
     ledger.find_commit("no-such-commit")  # the publish path's scan when the Space moved
@@ -104,10 +104,10 @@ def _cache(store: FileStorage, emb: np.ndarray, shas: list[str], segments: int) 
     keys = []
     for k, part in enumerate(np.array_split(np.arange(len(shas)), segments)):
         rows = [(emb[i], thumb + i % 200, np.array([embed.THUMB, embed.THUMB])) for i in part]
-        key = f"{embed.PREFIX}{k:04d}-test.npz"
-        store.put(key, embed._encode([shas[i] for i in part], rows))
+        key = f"{embed_cache.PREFIX}{k:04d}-test.npz"
+        store.put(key, embed_cache._encode([shas[i] for i in part], rows))
         keys.append(key)
-    store.swap_pointer(embed.POINTER, json.dumps({"segments": keys}).encode(), None)
+    store.swap_pointer(embed_cache.POINTER, json.dumps({"segments": keys}).encode(), None)
 
 
 def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -133,7 +133,7 @@ def test_copy_search_holds_each_new_images_nearest_history_rows_only(tmp_path: P
         np.zeros((len(queries), embed.THUMB, embed.THUMB), np.uint8),
         np.full((len(queries), 2), embed.THUMB),
     )
-    got = embed.nearest_cached(store, query, among, k)
+    got = embed_cache.nearest_cached(store, query, among, k)
     # Brute force over every row of ``among``: each query's k nearest.
     sims = queries @ emb[:500].T
     expected = {shas[j] for row in np.argsort(-sims, axis=1)[:, :k] for j in row}
@@ -153,8 +153,8 @@ def test_ensure_embeddings_keep_returns_only_the_rows_asked_for(tmp_path: Path) 
     store = FileStorage(tmp_path)
     shas = [_sha(i) for i in range(50)]
     _cache(store, _unit(rng, 50), shas, segments=2)
-    full = embed.ensure_embeddings(store, shas)
-    kept = embed.ensure_embeddings(store, shas, keep=shas[40:])
+    full = embed_cache.ensure_embeddings(store, shas)
+    kept = embed_cache.ensure_embeddings(store, shas, keep=shas[40:])
     assert kept.shas == shas[40:] and kept.ok.all()
     np.testing.assert_array_equal(kept.emb, full.emb[40:])
     np.testing.assert_array_equal(kept.thumb, full.thumb[40:])

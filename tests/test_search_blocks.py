@@ -16,7 +16,8 @@ from ddgs.exceptions import DDGSException, RatelimitException
 
 from freshnet import cycle, summary
 from freshnet.config import ConfigError, parse_config
-from freshnet.data.sources import DuckDuckGoSource, SearchBreaker, is_ratelimit
+from freshnet.data.duckduckgo import DuckDuckGoSource, is_ratelimit
+from freshnet.data.search_breaker import SearchBreaker
 from tests.ddg_standin import DdgStandIn, point_ddgs_at
 from tests.test_sources import Clock
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from freshnet.config import SpaceConfig
-from freshnet.space import publish as space
+from freshnet.config_sections import SpaceConfig
+from freshnet.space.bundle import build_bundle
+from freshnet.space.publish import publish
 from tests.app_helpers import bundle_meta
 from tests.fixtures_servers import free_port
 
@@ -159,7 +160,8 @@ def test_front_routes_each_request_and_keeps_gradio_sessions_on_their_app(tmp_pa
     a Gradio session's result stream follows its join to the old app, which is then drained."""
     import httpx
 
-    from freshnet.space.serve import Backend, Front, _stop_proc
+    from freshnet.space.front import Backend, Front
+    from freshnet.space.serve import _stop_proc
 
     env = {**os.environ, "GRADIO_SERVER_NAME": "127.0.0.1", "TINY_APP_PIDS": str(tmp_path / "p")}
     apps = []
@@ -253,7 +255,8 @@ def test_direct_mode_redeploys_on_the_same_port_and_reports_the_gap(tmp_path, ca
 
 
 def test_a_port_in_use_is_a_clear_error(tmp_path):
-    from freshnet.space.serve import ServeError, SpaceRunner
+    from freshnet.space.front import ServeError
+    from freshnet.space.serve import SpaceRunner
 
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -275,13 +278,13 @@ def test_redeploy_under_polling_load_fails_no_request(space_model, example_photo
     target = str(tmp_path / "space")
     cfg = SpaceConfig(target=target)
 
-    def publish(version: str, parent: str | None) -> str:
-        bundle = space.build_bundle(
+    def publish_version(version: str, parent: str | None) -> str:
+        bundle = build_bundle(
             space_model, bundle_meta(version), example_photos[:1], tmp_path / version, cfg
         )
-        return space.publish(bundle, target, version, parent)
+        return publish(bundle, target, version, parent)
 
-    c1 = publish("v1", None)
+    c1 = publish_version("v1", None)
     runner = SpaceRunner(target, port=free_port(), work_dir=tmp_path / "work", poll_s=0.5)
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
@@ -312,7 +315,7 @@ def test_redeploy_under_polling_load_fails_no_request(space_model, example_photo
         poller.start()
         while len(results) < 5 and time.monotonic() < deadline:  # the client is polling v1
             time.sleep(0.1)
-        c2 = publish("v2", c1)
+        c2 = publish_version("v2", c1)
         published = time.monotonic()
         while runner.commit != c2 and time.monotonic() - published < 180:
             time.sleep(0.2)

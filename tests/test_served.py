@@ -239,7 +239,7 @@ def test_gpu_worker_killed_mid_training(stack: ServedStack) -> None:
     # Kill only once the train run's own process is inside the trainer (it has logged from it).
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not any(
-        e["flow_run_id"] == training["id"] and e["name"].startswith("freshnet.model.train")
+        e["flow_run_id"] == training["id"] and e["name"].startswith("freshnet.model.")
         for e in stack.api.logs()
     ):
         time.sleep(1)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from freshnet.space import publish as space
+from freshnet.space.publish import HfPublisher, PublishError
 from tests.hf_standin import HubStandIn
 from tests.served_stack import HF_TOKEN, TEST_CONFIG_ENV, ServedStack
 
@@ -97,5 +97,5 @@ def test_nightly_rollback_and_promote_publish_with_the_secret_block(hf_stack) ->
     assert all(r.headers.get("authorization") == f"Bearer {HF_TOKEN}" for r in commits)
     assert not [r.path for r in hub.requests if WRONG_TOKEN in r.headers.get("authorization", "")]
     # And the stand-in does refuse that token (so the runs above could not have used it).
-    with pytest.raises(space.PublishError, match="HTTP 401"):
-        space.HfPublisher(REPO_ID, token=WRONG_TOKEN, endpoint=hub.url).head()
+    with pytest.raises(PublishError, match="HTTP 401"):
+        HfPublisher(REPO_ID, token=WRONG_TOKEN, endpoint=hub.url).head()

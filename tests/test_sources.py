@@ -9,14 +9,9 @@ import pytest
 from ddgs.exceptions import DDGSException, RatelimitException, TimeoutException
 
 from freshnet.config import parse_config
-from freshnet.data.sources import (
-    Candidate,
-    DuckDuckGoSource,
-    SearchReport,
-    SourceError,
-    read_urls_file,
-    search,
-)
+from freshnet.data.duckduckgo import DuckDuckGoSource
+from freshnet.data.search import search
+from freshnet.data.sources import Candidate, SearchReport, SourceError, read_urls_file
 
 CLASSES = ["corgi", "samoyed"]
 

@@ -12,16 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from freshnet import storage as storage_mod
-from freshnet.storage import (
-    FileStorage,
-    NotFound,
-    ReservedKey,
-    S3Storage,
-    Storage,
-    StorageError,
-    open_storage,
-)
+from freshnet import storage_file as storage_file_mod
+from freshnet.storage import NotFound, ReservedKey, Storage, StorageError
+from freshnet.storage_file import FileStorage
+from freshnet.storage_open import open_storage
+from freshnet.storage_s3 import S3Storage
 from tests.fixtures_servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,7 +215,7 @@ def test_s3_ensure_bucket_idempotent(s3_env: dict[str, str]) -> None:
 
 
 def test_importing_storage_does_not_import_boto3() -> None:
-    code = "import sys, freshnet.storage; assert 'boto3' not in sys.modules and 'botocore' not in sys.modules"
+    code = "import sys, freshnet.storage_open; assert 'boto3' not in sys.modules and 'botocore' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
@@ -263,7 +258,7 @@ def test_file_list_reads_only_the_prefix_folder(tmp_path: Path, monkeypatch) -> 
         scanned.append(Path(path))
         return real_scandir(path)
 
-    monkeypatch.setattr(storage_mod.os, "scandir", recording_scandir)
+    monkeypatch.setattr(storage_file_mod.os, "scandir", recording_scandir)
 
     t0 = time.perf_counter()
     assert store.list("ledger/") == ledger + ["ledger/sub/x.json"]
@@ -296,7 +291,7 @@ def test_killed_write_temp_files_are_swept_by_age(tmp_path: Path) -> None:
     # A writer killed between writing its temp file and renaming it (os.replace never returns).
     code = (
         "import os, time, sys\n"
-        "from freshnet.storage import FileStorage\n"
+        "from freshnet.storage_file import FileStorage\n"
         "os.replace = lambda *a: time.sleep(600)\n"
         f"FileStorage({str(root)!r}).put('models/v1/model.pkl', b'x' * 2_000_000)\n"
     )
@@ -316,10 +311,10 @@ def test_killed_write_temp_files_are_swept_by_age(tmp_path: Path) -> None:
 
     store = FileStorage(root)  # opening it sweeps, but a young temp may be a live writer's
     assert orphan.exists() and legacy.exists()
-    old = time.time() - storage_mod.TEMP_MAX_AGE_S - 60
+    old = time.time() - storage_file_mod.TEMP_MAX_AGE_S - 60
     for p in (orphan, legacy):
         os.utime(p, (old, old))
-    (root / "_tmp" / storage_mod._LEGACY_SWEPT).unlink()
+    (root / "_tmp" / storage_file_mod._LEGACY_SWEPT).unlink()
     fresh = root / "_tmp" / ".b.live.tmp"
     fresh.write_bytes(b"in flight")
 
@@ -332,7 +327,7 @@ def test_killed_write_temp_files_are_swept_by_age(tmp_path: Path) -> None:
     os.utime(fresh, (old, old))
     store.put("keep/b", b"b")
     assert fresh.exists()  # swept less than SWEEP_EVERY_S ago
-    store._last_sweep -= storage_mod.SWEEP_EVERY_S + 1
+    store._last_sweep -= storage_file_mod.SWEEP_EVERY_S + 1
     store.put("keep/c", b"c")
     assert not fresh.exists()
 
@@ -354,9 +349,9 @@ def test_file_writes_fsync_the_folder_after_rename(tmp_path: Path, monkeypatch) 
         events.append(("link", str(dst)))
         return real_link(src, dst)
 
-    monkeypatch.setattr(storage_mod.os, "fsync", fsync)
-    monkeypatch.setattr(storage_mod.os, "replace", replace)
-    monkeypatch.setattr(storage_mod.os, "link", link)
+    monkeypatch.setattr(storage_file_mod.os, "fsync", fsync)
+    monkeypatch.setattr(storage_file_mod.os, "replace", replace)
+    monkeypatch.setattr(storage_file_mod.os, "link", link)
     folder = str(store.root / "ledger")
     for op, write in (
         ("rename", lambda: store.put("ledger/a.json", b"1")),

@@ -17,16 +17,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from freshnet.config import TrainConfig, parse_config
+from freshnet.config import parse_config
+from freshnet.config_sections import TrainConfig
 from freshnet.model.evaluate import find_label_noise
-from freshnet.model.train import (
-    PretrainedWeightsUnavailable,
-    TrainError,
-    materialize,
-    train_model,
-    valid_mask,
-)
-from freshnet.storage import FileStorage
+from freshnet.model.loaders import materialize, valid_mask
+from freshnet.model.network import PretrainedWeightsUnavailable, TrainError
+from freshnet.model.train import train_model
+from freshnet.storage_file import FileStorage
 from tests.model_helpers import predict_in_clean_process
 
 TINY = dict(image_size=64, batch_size=16, epochs=1, freeze_epochs=0, device="cpu", augment=False)
@@ -315,9 +312,8 @@ def test_champion_warm_start_and_fallback(tiny, tmp_path, flower_photos, caplog)
 
 
 def test_train_snapshot_uploads_model_and_returns_small_dict(tiny, tmp_path):
-    dataset = pytest.importorskip(
-        "freshnet.data.dataset", reason="freshnet/data/dataset.py not written yet"
-    )
+    from freshnet.data.snapshot import load_manifest
+
     store = FileStorage(tmp_path / "store")
     manifest = tiny["manifest"]
     for sha in manifest["sha256"]:
@@ -328,7 +324,7 @@ def test_train_snapshot_uploads_model_and_returns_small_dict(tiny, tmp_path):
     buf = tmp_path / "m.parquet"
     manifest.to_parquet(buf)
     store.put(f"snapshots/{snapshot_id}.parquet", buf.read_bytes())
-    assert len(dataset.load_manifest(store, snapshot_id)) == len(manifest)
+    assert len(load_manifest(store, snapshot_id)) == len(manifest)
     cfg = parse_config(
         {"classes": ["daisy", "sunflowers"], "train": {**TINY, "noise_confidence": 0.51}}
     )
@@ -345,7 +341,7 @@ def test_train_snapshot_uploads_model_and_returns_small_dict(tiny, tmp_path):
 
 
 def train_snapshot_call(store, snapshot_id, cfg, tmp_path):
-    from freshnet.model.train import train_snapshot
+    from freshnet.model.snapshot_train import train_snapshot
 
     return train_snapshot(store, snapshot_id, cfg, "v1", tmp_path / "work")
 
@@ -360,7 +356,7 @@ def train_snapshot_call(store, snapshot_id, cfg, tmp_path):
 @pytest.mark.slow
 def test_demo_classes_reach_090_within_5_minutes(tmp_path):
     """Issue 5 acceptance: on CPU, the demo classes reach >= 0.90 holdout accuracy in <= 5 min."""
-    from freshnet.data import demo, ingest, sources
+    from freshnet.data import demo, ingest, search
     from freshnet.model.evaluate import evaluate_model
 
     cfg = parse_config(
@@ -374,7 +370,7 @@ def test_demo_classes_reach_090_within_5_minutes(tmp_path):
     )
     store = FileStorage(tmp_path / "store")
     try:
-        report = sources.search(cfg, "1")
+        report = search.search(cfg, "1")
         outcomes = ingest.ingest(report.candidates, cfg, store, progress=False)
     finally:
         demo.stop_server()

@@ -17,10 +17,13 @@ import pytest
 
 from freshnet import cycle
 from freshnet.config import parse_config
-from freshnet.data import dataset as ds
-from freshnet.data import embed
+from freshnet.data import embed, embed_cache
+from freshnet.data.catalog import load_catalog
+from freshnet.data.curate import curate
 from freshnet.data.images import image_key
-from freshnet.storage import FileStorage
+from freshnet.data.quarantine import list_quarantine
+from freshnet.data.snapshot import load_manifest, make_snapshot
+from freshnet.storage_file import FileStorage
 from tests.test_dataset import _ingest
 from tests.web_noise_helpers import disguise
 
@@ -40,12 +43,12 @@ def test_disguised_copies_join_their_originals_and_distinct_photos_stay_apart(
     cfg = _cfg(tmp_path, ["daisy", "roses"])
     photos = [(lab, p) for lab in ("daisy", "roses") for p in flower_photos[lab][:20]]
     night1 = [_ingest(store, lab, p.read_bytes(), f"http://a/{p.name}") for lab, p in photos]
-    rep1 = ds.curate(store, night1, "1", cfg)
+    rep1 = curate(store, night1, "1", cfg)
     assert rep1.near_duplicate_total == 0  # 40 distinct photos: no false pair
     rng = random.Random(7)
     night2 = [_ingest(store, lab, disguise(p, rng), f"http://b/{p.name}") for lab, p in photos]
-    rep2 = ds.curate(store, night2, "2", cfg)
-    rows = {r["sha256"]: r for r in ds.load_catalog(store).to_dict("records")}
+    rep2 = curate(store, night2, "2", cfg)
+    rows = {r["sha256"]: r for r in load_catalog(store).to_dict("records")}
     missed = [
         o["url"]
         for o, orig in zip(night2, night1, strict=True)
@@ -59,8 +62,8 @@ def test_disguised_copies_join_their_originals_and_distinct_photos_stay_apart(
     cfg3 = _cfg(tmp_path / "phash-only", ["daisy", "roses"], dedupe={"copies": False})
     for o in night1 + night2:
         store3.put_if_absent(image_key(o["sha256"]), store.get(image_key(o["sha256"])))
-    ds.curate(store3, night1, "1", cfg3)
-    assert ds.curate(store3, night2, "2", cfg3).new_total > 0
+    curate(store3, night1, "1", cfg3)
+    assert curate(store3, night2, "2", cfg3).new_total > 0
 
 
 class CountingEmbedder(embed.Embedder):
@@ -80,26 +83,26 @@ def test_embedding_cache_computes_once_and_recomputes_what_is_corrupt_or_missing
     outs = [_ingest(store, "daisy", p.read_bytes(), p.name) for p in flower_photos["daisy"][:6]]
     shas = [o["sha256"] for o in outs]
     e = CountingEmbedder()
-    first = embed.ensure_embeddings(store, shas, e)
+    first = embed_cache.ensure_embeddings(store, shas, e)
     assert e.images == 6 and first.ok.all()
     assert np.allclose(np.linalg.norm(first.emb, axis=1), 1, atol=1e-3)
-    again = embed.ensure_embeddings(store, shas, e)
+    again = embed_cache.ensure_embeddings(store, shas, e)
     assert e.images == 6  # cached: nothing embedded twice
     assert np.allclose(again.emb, first.emb, atol=2e-3)
 
-    (segment,) = json.loads(store.read_pointer(embed.POINTER)[0])["segments"]
+    (segment,) = json.loads(store.read_pointer(embed_cache.POINTER)[0])["segments"]
     store.put(segment, b"not an npz")
-    healed = embed.ensure_embeddings(store, shas, e)
+    healed = embed_cache.ensure_embeddings(store, shas, e)
     assert e.images == 12 and healed.ok.all()
     assert np.allclose(healed.emb, first.emb, atol=2e-3)
-    (segment,) = json.loads(store.read_pointer(embed.POINTER)[0])["segments"]
+    (segment,) = json.loads(store.read_pointer(embed_cache.POINTER)[0])["segments"]
     store.delete(segment)
-    embed.ensure_embeddings(store, shas[:3], e)
+    embed_cache.ensure_embeddings(store, shas[:3], e)
     assert e.images == 15
     # A garbled pointer and an image missing from storage: recomputed / not ok, never a crash.
-    raw, token = store.read_pointer(embed.POINTER)
-    assert store.swap_pointer(embed.POINTER, b"{garbage", token)
-    out = embed.ensure_embeddings(store, [*shas[:2], "f" * 64], e)
+    raw, token = store.read_pointer(embed_cache.POINTER)
+    assert store.swap_pointer(embed_cache.POINTER, b"{garbage", token)
+    out = embed_cache.ensure_embeddings(store, [*shas[:2], "f" * 64], e)
     assert out.ok.tolist() == [True, True, False]
 
 
@@ -113,7 +116,7 @@ def test_label_check_holds_back_flipped_labels_before_the_snapshot(tmp_path, flo
         for lab in classes
         for p in flower_photos[lab][:50]
     ]
-    ds.curate(store, night1, "1", cfg)
+    curate(store, night1, "1", cfg)
     first = cycle.label_check_step(cfg, "1")
     assert first["checked"] == len(night1)
     # Night 2: 30 new photos per class, and 6 more daisies filed under "sunflowers" (~17%).
@@ -126,7 +129,7 @@ def test_label_check_holds_back_flipped_labels_before_the_snapshot(tmp_path, flo
         _ingest(store, "sunflowers", p.read_bytes(), f"http://b/flip/{p.name}")
         for p in flower_photos["daisy"][80:86]
     ]
-    ds.curate(store, night2 + flipped, "2", cfg)
+    curate(store, night2 + flipped, "2", cfg)
     check = cycle.label_check_step(cfg, "2")
     flagged = {i["sha256"]: i for i in check["issues"]}
     caught = [o["sha256"] for o in flipped if o["sha256"] in flagged]
@@ -134,12 +137,12 @@ def test_label_check_holds_back_flipped_labels_before_the_snapshot(tmp_path, flo
     assert all(flagged[s]["suggested"] == "daisy" for s in caught)
     wrong = [s for s in flagged if s not in {o["sha256"] for o in flipped}]
     assert len(wrong) <= len(caught), f"more false flags than true ones: {check}"
-    rows = {r["sha256"]: r for r in ds.load_catalog(store).to_dict("records")}
+    rows = {r["sha256"]: r for r in load_catalog(store).to_dict("records")}
     assert {rows[s]["status"] for s in caught} == {"noisy_label"}
     assert "looks like daisy" in rows[caught[0]]["note"]
-    snap = ds.load_manifest(store, ds.make_snapshot(store, cfg).id)
+    snap = load_manifest(store, make_snapshot(store, cfg).id)
     assert not set(caught) & set(snap["sha256"])  # out of train and holdout alike
-    assert set(caught) <= set(ds.list_quarantine(store)["sha256"])
+    assert set(caught) <= set(list_quarantine(store)["sha256"])
 
 
 def test_label_check_skips_a_class_too_small_for_its_folds_and_says_why(
@@ -153,7 +156,7 @@ def test_label_check_skips_a_class_too_small_for_its_folds_and_says_why(
         for lab, n in (("daisy", 20), ("roses", 20), ("tulips", 3))
         for p in flower_photos[lab][:n]
     ]
-    ds.curate(store, outs, "1", cfg)
+    curate(store, outs, "1", cfg)
     with caplog.at_level("WARNING"):
         check = cycle.label_check_step(cfg, "1")
     assert check["checked"] == 40

@@ -104,13 +104,17 @@ def find_copies(
     qpos, tpos = np.flatnonzero(query.ok), np.flatnonzero(target.ok)
     if len(qpos) == 0 or len(tpos) == 0:
         return CopyPairs(e, e.copy(), np.zeros(0))
-    faiss.omp_set_num_threads(1)  # tiny searches: threads cost more than they save
     ix = faiss.IndexFlatIP(target.emb.shape[1])
     ix.add(np.ascontiguousarray(target.emb[tpos]))
     kk = min(len(tpos), k + (1 if self_join else 0))
     # The embeddings are nearly mirror-invariant (a mirrored copy scores within ~0.03 of the
     # plain one), so one query finds both; the thumbnail check tries both orientations.
-    sims, ids = ix.search(np.ascontiguousarray(query.emb[qpos]), kk)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # tiny searches: threads cost more than they save
+    try:
+        sims, ids = ix.search(np.ascontiguousarray(query.emb[qpos]), kk)
+    finally:
+        faiss.omp_set_num_threads(threads)  # the large cache search after it uses every core
     candidates: set[tuple[int, int]] = set()
     for row, q in enumerate(qpos.tolist()):
         for sim, j in zip(sims[row], ids[row], strict=True):

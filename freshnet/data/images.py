@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from freshnet.config import ImagesConfig
-from freshnet.data.dedupe import phash_image
+from freshnet.config_sections import ImagesConfig
+from freshnet.data.hashing import phash_image
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
-from freshnet.config import Config, ImagesConfig
-from freshnet.data.download import Downloader, normalize_url
+from freshnet.config import Config
+from freshnet.config_sections import ImagesConfig
+from freshnet.data.download import Downloader
 from freshnet.data.feedback import is_stored_image, read_stored_image
 from freshnet.data.images import (
     ImageRejected,
@@ -36,7 +37,9 @@ from freshnet.data.images import (
     normalize,
 )
 from freshnet.data.sources import Candidate
-from freshnet.storage import FileStorage, Storage
+from freshnet.data.url_guard import normalize_url
+from freshnet.storage import Storage
+from freshnet.storage_file import FileStorage
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,17 @@
-"""Where candidate image URLs come from: duckduckgo (ddgs), urls (CSV/JSONL), folder, demo;
-the app's corrections (feedback) are read by freshnet/data/feedback.py."""
+"""What every source yields (Candidate, SearchReport) and the local sources: demo, urls, folder.
+
+DuckDuckGo lives in freshnet/data/duckduckgo.py, the app's corrections in
+freshnet/data/feedback.py; freshnet/data/search.py picks the configured source for the night.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
-import random
-import time
-from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from freshnet.config import Config
 
@@ -72,41 +72,10 @@ class SearchReport:
         return out
 
 
-def search(
-    cfg: Config,
-    night: str,
-    *,
-    ddgs_factory: Callable[[], Any] | None = None,
-    history: Mapping[str, dict[str, Any]] | None = None,
-) -> SearchReport:
-    """Candidates for every class of ``cfg`` on ``night``, from the web-like cfg.source.kind.
-
-    ``history`` is what earlier nights found per query (load_search_history): an empty first
-    page of a query that had results is taken for a block, not for an empty result.
-
-    The nightly calls freshnet.data.feedback.search_all, which adds the app's corrections (and
-    handles source.kind = "feedback"): feedback builds on this module, not the other way round.
-    """
-    kind = cfg.source.kind
-    if kind == "demo":
-        report = search_demo(cfg, night)
-    elif kind == "urls":
-        report = search_urls(cfg)
-    elif kind == "folder":
-        report = search_folder(cfg)
-    elif kind == "duckduckgo":
-        report = DuckDuckGoSource(cfg, ddgs_factory=ddgs_factory, history=history).search()
-    else:
-        raise SourceError(
-            f"source.kind {kind!r} is not a search source "
-            "(allowed: demo, urls, folder, duckduckgo, feedback)"
-        )
-    return report
-
-
-def _finish(
+def finish_report(
     cfg: Config, candidates: list[Candidate], failures: list[dict[str, Any]]
 ) -> SearchReport:
+    """The report of a source: each class without a candidate is a failed class, with a reason."""
     found = {c.label for c in candidates}
     failed = [label for label in cfg.classes if label not in found]
     for label in failed:
@@ -151,7 +120,7 @@ def search_demo(cfg: Config, night: str) -> SearchReport:
                 if not urls:
                     failures.append({"label": label, "query": query, "reason": "no results"})
                 candidates.extend(Candidate(label, u, query, "demo") for u in urls)
-    return _finish(cfg, candidates, failures)
+    return finish_report(cfg, candidates, failures)
 
 
 # ---------------------------------------------------------------- urls file
@@ -229,7 +198,7 @@ def read_urls_file(path: str | Path, classes: list[str] | None = None) -> list[C
 
 def search_urls(cfg: Config) -> SearchReport:
     assert cfg.source.path
-    return _finish(cfg, read_urls_file(cfg.source.path, cfg.classes), [])
+    return finish_report(cfg, read_urls_file(cfg.source.path, cfg.classes), [])
 
 
 # ---------------------------------------------------------------- folder
@@ -252,337 +221,4 @@ def search_folder(cfg: Config) -> SearchReport:
         if not files:
             failures.append({"label": label, "query": str(folder), "reason": "folder empty"})
         candidates.extend(Candidate(label, p.as_uri(), f"folder:{label}", "folder") for p in files)
-    return _finish(cfg, candidates, failures)
-
-
-# ---------------------------------------------------------------- duckduckgo
-
-HISTORY_KEY = "search/history.json"
-DDG_PAGE_SIZE = 100  # DuckDuckGo's i.js answers ~100 images per page
-
-
-class ImageSearchClient(Protocol):
-    def images(self, query: str, **kwargs: Any) -> list[dict[str, Any]]: ...
-
-
-def _default_ddgs_factory(timeout: int, proxy: str | None) -> Callable[[], ImageSearchClient]:
-    def make() -> ImageSearchClient:
-        from ddgs import DDGS
-
-        # proxy None: ddgs falls back to the DDGS_PROXY environment variable itself.
-        return DDGS(proxy=proxy, timeout=timeout)
-
-    return make
-
-
-def load_search_history(store: Any) -> dict[str, dict[str, Any]]:
-    """What earlier nights found per query ({} before the first DuckDuckGo night)."""
-    if not store.exists(HISTORY_KEY):
-        return {}
-    data = json.loads(store.get(HISTORY_KEY))
-    return data if isinstance(data, dict) else {}
-
-
-def save_search_history(store: Any, report: SearchReport, night: str) -> None:
-    """Remember tonight's queries that had results; a query without keeps its earlier entry."""
-    if not report.history:
-        return
-    merged = load_search_history(store)
-    for query, seen in report.history.items():
-        merged[query] = {**seen, "night": night}
-    store.put(HISTORY_KEY, json.dumps(merged, indent=1, sort_keys=True).encode())
-
-
-def is_ratelimit(exc: BaseException) -> bool:
-    """A ddgs error that says the service refused us (not merely that it found nothing).
-
-    ddgs 9 folds a 403/429 on the results into "No results found."; what it still tells apart is
-    RatelimitException and the token page answered without a token (DuckDuckGo's 202 anomaly page).
-    """
-    from ddgs.exceptions import RatelimitException
-
-    if isinstance(exc, RatelimitException):
-        return True
-    text = str(exc).lower()
-    return any(s in text for s in ("ratelimit", "rate limit", "vqd", " 202", " 403", " 429"))
-
-
-class SearchBreaker:
-    """The night's circuit breaker and budget, shared by every query of the night.
-
-    A suspected block pauses all searching for source.cooldown_s, then the caller resumes the
-    same query and page. Calls are paced: at least pause_s apart, and spread so the night's
-    expected calls fill source.search_spread_s. When a pause would end after
-    source.search_budget_s, or source.search_budget_calls are spent, it gives up for the night.
-    Every pause, resume and give-up is logged and kept in ``events`` for the night's summary.
-    """
-
-    def __init__(
-        self,
-        cfg: Config,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        src = cfg.source
-        self.src = src
-        self.sleep = sleep
-        self.clock = clock
-        pages = min(src.max_pages, max(1, -(-src.max_results // DDG_PAGE_SIZE)))
-        self.expected_calls = max(1, len(cfg.classes) * len(cfg.queries) * pages)
-        self.pace_s = max(src.pause_s, src.search_spread_s / self.expected_calls)
-        self.started: float | None = None
-        self.last_call: float | None = None
-        self.calls = 0
-        self.paused_s = 0.0
-        self.events: list[dict[str, Any]] = []
-        self.gave_up: str | None = None
-
-    def elapsed(self) -> float:
-        return 0.0 if self.started is None else self.clock() - self.started
-
-    def _event(self, kind: str, query: str, page: int, **extra: Any) -> None:
-        self.events.append(
-            {"event": kind, "at_s": round(self.elapsed(), 1), "query": query, "page": page, **extra}
-        )
-
-    def give_up(self, query: str, page: int, reason: str) -> None:
-        self.gave_up = reason
-        self._event("give_up", query, page, reason=reason)
-        log.warning("search gave up at %r page %d: %s", query, page, reason)
-
-    def before_call(self, query: str, page: int, *, retry: bool) -> bool:
-        """Wait for the call's turn; False (after recording a give-up) when the budget is spent."""
-        if self.gave_up:
-            return False
-        if self.started is None:
-            self.started = self.clock()
-        if self.calls >= self.src.search_budget_calls:
-            self.give_up(
-                query, page, f"search budget of {self.src.search_budget_calls} calls spent"
-            )
-            return False
-        # A retry is spaced by its backoff; the spread pace is between distinct calls.
-        gap = self.src.pause_s if retry else self.pace_s
-        wait = 0.0 if self.last_call is None else gap - (self.clock() - self.last_call)
-        if self.elapsed() + max(0.0, wait) > self.src.search_budget_s:
-            self.give_up(query, page, f"search budget of {self.src.search_budget_s:g} s spent")
-            return False
-        if wait > 0:
-            self.sleep(wait)
-        self.last_call = self.clock()
-        self.calls += 1
-        return True
-
-    def trip(self, query: str, page: int, reason: str) -> bool:
-        """Pause all searching for the cool-down; False (after a give-up) when it outlasts the budget."""
-        cooldown = self.src.cooldown_s
-        left = self.src.search_budget_s - self.elapsed()
-        if cooldown >= left:
-            self.give_up(
-                query,
-                page,
-                f"suspected DuckDuckGo block ({reason}) and a {cooldown:g} s cool-down would "
-                f"outlast the search budget ({max(0.0, left):.0f} of "
-                f"{self.src.search_budget_s:g} s left)",
-            )
-            return False
-        self._event("pause", query, page, reason=reason, seconds=cooldown)
-        log.warning(
-            "suspected DuckDuckGo block at %r page %d (%s): pausing all searches for %g s",
-            query,
-            page,
-            reason,
-            cooldown,
-        )
-        t0 = self.clock()
-        self.sleep(cooldown)
-        paused = self.clock() - t0
-        self.paused_s += paused
-        self._event("resume", query, page, paused_s=round(paused, 1))
-        log.info("search resumes at %r page %d after %.0f s", query, page, paused)
-        self.last_call = None  # the cool-down was the gap
-        return True
-
-
-class DuckDuckGoSource:
-    """Image search through ddgs: paced calls, backoff with jitter, bounded retries, paging, and a
-    night-wide breaker (SearchBreaker) for blocks that last minutes.
-
-    ddgs reports a 403/429 rate limit as a plain ``DDGSException("No results found.")``, the same as
-    a truly empty result, so that is retried with backoff too. A call that fails twice in a row with
-    a rate-limit error, or with an empty first page of a query that had results on an earlier night
-    (``history``), trips the breaker: every search pauses for the cool-down and this call is tried
-    again. Any other query still failing is recorded and the run goes on.
-    """
-
-    def __init__(
-        self,
-        cfg: Config,
-        ddgs_factory: Callable[[], ImageSearchClient] | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
-        rng: random.Random | None = None,
-        history: Mapping[str, dict[str, Any]] | None = None,
-    ):
-        self.cfg = cfg
-        self.src = cfg.source
-        self.factory = ddgs_factory or _default_ddgs_factory(
-            int(max(1, self.src.ddgs_timeout_s)), self.src.proxy
-        )
-        self.sleep = sleep
-        self.clock = clock
-        self.rng = rng or random.Random()
-        self.history = dict(history or {})
-        self.breaker = SearchBreaker(cfg, sleep=sleep, clock=clock)
-        self._client: ImageSearchClient | None = None
-        # Queries already paused for once because their first page came back empty: emptiness
-        # alone is not proof, so after one cool-down an empty answer is taken as it is.
-        self._empty_paused: set[str] = set()
-
-    @property
-    def calls(self) -> int:
-        return self.breaker.calls
-
-    def _kwargs(self, page: int) -> dict[str, Any]:
-        kw: dict[str, Any] = {
-            "region": self.src.region,
-            "safesearch": self.src.safesearch,
-            "max_results": self.src.max_results,
-            "page": page,
-            "backend": self.src.ddgs_backend,
-        }
-        for name in ("license_image", "size", "type_image", "layout", "color"):
-            value = getattr(self.src, name, None)
-            if value:
-                kw[name] = value
-        return kw
-
-    def _suspect_empty(self, query: str) -> bool:
-        """Whether an empty first page of ``query`` looks like a block (it had results before)."""
-        if query in self._empty_paused:
-            return False
-        return int((self.history.get(query) or {}).get("results", 0)) > 0
-
-    def _call(self, query: str, page: int) -> list[dict[str, Any]] | None:
-        """One page with retries and the breaker; None when the night's search gave up.
-
-        Raises the last ddgs error when retries are exhausted without a suspected block.
-        """
-        from ddgs.exceptions import DDGSException
-
-        attempt = 0
-        failed_before = False  # this call failed already (before a pause, too)
-        while True:
-            if not self.breaker.before_call(query, page, retry=attempt > 0):
-                return None
-            if self._client is None:
-                self._client = self.factory()
-            try:
-                results = list(self._client.images(query, **self._kwargs(page)) or [])
-                if results or page > 1 or not self._suspect_empty(query):
-                    return results
-                # An empty first page where earlier nights had results: a block in disguise.
-                exc: DDGSException = DDGSException("No results found.")
-            except DDGSException as e:
-                exc = e
-            by_error = is_ratelimit(exc)
-            by_empty = not by_error and page == 1 and self._suspect_empty(query)
-            if (by_error or by_empty) and failed_before:
-                reason = f"{type(exc).__name__}: {exc}"
-                if by_empty:
-                    self._empty_paused.add(query)
-                    reason += " on the first page of a query that had results on an earlier night"
-                if not self.breaker.trip(query, page, reason):
-                    return None
-                attempt = 0  # a fresh start after the cool-down
-                continue
-            failed_before = True
-            if attempt >= self.src.max_retries:
-                raise exc
-            # Rate limits, timeouts and "No results found." (maybe a hidden 403/429) all back off.
-            delay = min(self.src.backoff_max_s, self.src.backoff_s * 2**attempt)
-            delay *= 1 + self.rng.uniform(0, 0.5)
-            log.info(
-                "ddgs %s for %r page %d; retry %d in %.1fs",
-                type(exc).__name__,
-                query,
-                page,
-                attempt + 1,
-                delay,
-            )
-            self.sleep(delay)
-            attempt += 1
-
-    def search_query(self, label: str, query: str) -> tuple[list[Candidate], str | None]:
-        """Candidates for one query, and the failure reason when it produced none."""
-        from ddgs.exceptions import DDGSException
-
-        urls: list[str] = []
-        seen: set[str] = set()
-        reason: str | None = None
-        for page in range(1, self.src.max_pages + 1):
-            try:
-                results = self._call(query, page)
-            except DDGSException as exc:
-                if page == 1:
-                    reason = f"{type(exc).__name__}: {exc} (after {self.src.max_retries} retries)"
-                break  # a later page failing just ends the paging
-            except Exception as exc:  # noqa: BLE001 - a broken client must not end the night
-                reason = f"{type(exc).__name__}: {exc}"
-                self._client = None
-                break
-            if results is None:  # gave up: keep what this query already has
-                if not urls:
-                    reason = f"search gave up: {self.breaker.gave_up}"
-                break
-            new = 0
-            for r in results:
-                url = r.get("image") if isinstance(r, dict) else None
-                if (
-                    isinstance(url, str)
-                    and url.startswith(("http://", "https://"))
-                    and url not in seen
-                ):
-                    seen.add(url)
-                    urls.append(url)
-                    new += 1
-            if len(urls) >= self.src.max_results or new == 0:
-                break
-        urls = urls[: self.src.max_results]
-        if not urls and reason is None:
-            reason = "no results"
-        return [Candidate(label, u, query, "duckduckgo") for u in urls], reason
-
-    def search(self) -> SearchReport:
-        candidates: list[Candidate] = []
-        failures: list[dict[str, Any]] = []
-        history: dict[str, dict[str, Any]] = {}
-        for label in self.cfg.classes:
-            for template in self.cfg.queries:
-                query = template.format(label=label)
-                if self.breaker.gave_up:
-                    skipped = f"not searched: search gave up ({self.breaker.gave_up})"
-                    failures.append({"label": label, "query": query, "reason": skipped})
-                    continue
-                found, reason = self.search_query(label, query)
-                if reason:
-                    log.warning("query %r failed: %s", query, reason)
-                    failures.append({"label": label, "query": query, "reason": reason})
-                if found:
-                    history[query] = {"results": len(found)}
-                candidates.extend(found)
-        b = self.breaker
-        if b.events or b.gave_up:
-            log.info(
-                "search: %d calls in %.0f s, %d pause(s) (%.0f s paused)%s",
-                b.calls,
-                b.elapsed(),
-                sum(1 for e in b.events if e["event"] == "pause"),
-                b.paused_s,
-                f"; gave up: {b.gave_up}" if b.gave_up else "",
-            )
-        report = _finish(self.cfg, candidates, failures)
-        report.events = list(b.events)
-        report.gave_up = b.gave_up
-        report.history = history
-        return report
+    return finish_report(cfg, candidates, failures)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from freshnet.model.loaders import LABEL_COL, PATH_COL, image_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -37,7 +40,7 @@ class Evaluation:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Evaluation:
+    def from_dict(cls, d: Mapping[str, Any]) -> Evaluation:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -78,8 +81,6 @@ def predict_files(model_path: Path, paths: list[Path]) -> tuple[list[str], np.nd
     import pandas as pd
     import torch
     from fastai.learner import load_learner
-
-    from freshnet.model.train import LABEL_COL, PATH_COL
 
     learn = load_learner(Path(model_path), cpu=not torch.cuda.is_available())
     vocab = [str(v) for v in learn.dls.vocab]
@@ -186,8 +187,6 @@ def evaluate_model(
     model_path: Path, version: str, holdout: pd.DataFrame, image_dir: Path
 ) -> Evaluation:
     """Score one model on the holdout rows (sorted by sha256 so evaluations pair up row by row)."""
-    from freshnet.model.train import image_path
-
     rows = holdout_rows(holdout)
     paths = [image_path(image_dir, s) for s in rows["sha256"]]
     missing = [p for p in paths if not p.exists()]
@@ -351,8 +350,6 @@ def find_label_noise(
     Returns ``{"sha256", "label", "predicted", "p", "reason"}`` sorted by p, most confident first.
     """
     import numpy as np
-
-    from freshnet.model.train import LABEL_COL, image_path
 
     if len(manifest_train) == 0:
         return []

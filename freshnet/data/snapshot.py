@@ -1,0 +1,188 @@
+"""Snapshots: immutable manifests named by the content hash of their rows, their diff, the cap on
+feedback rows, and the quality gate that can stop the cycle."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, cast
+
+import pandas as pd
+
+from freshnet.config import Config
+from freshnet.config_sections import DatasetConfig
+from freshnet.data.catalog import CATALOG_COLUMNS, CatalogError, load_catalog
+from freshnet.storage import NotFound, Storage
+
+log = logging.getLogger(__name__)
+
+# A snapshot row is a catalog row without the fields only curation needs.
+SNAPSHOT_COLUMNS = [c for c in CATALOG_COLUMNS if c not in ("orig_sha256", "note")]
+
+
+@dataclass
+class Snapshot:
+    id: str
+    key: str
+    counts: dict[str, dict[str, int]]  # label -> {"train": n, "holdout": n}
+    rows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _counts(manifest: pd.DataFrame, classes: Iterable[str] = ()) -> dict[str, dict[str, int]]:
+    out = {c: {"train": 0, "holdout": 0} for c in classes}
+    for key, n in manifest.groupby(["label", "split"]).size().items():
+        label, split = cast(tuple[str, str], key)
+        out.setdefault(label, {"train": 0, "holdout": 0})[split] = int(n)
+    return dict(sorted(out.items()))
+
+
+def snapshot_id(manifest: pd.DataFrame) -> str:
+    """Content hash of the canonical rows (sorted by sha256, fixed columns): same rows, same id."""
+    rows = manifest[SNAPSHOT_COLUMNS].sort_values("sha256").astype(str).values.tolist()
+    canon = json.dumps([SNAPSHOT_COLUMNS, rows], separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def make_snapshot(store: Storage, cfg: Config) -> Snapshot:
+    """Immutable manifest of the status-ok images of cfg.classes, named by its content hash."""
+    df = load_catalog(store)
+    m = df[(df["status"] == "ok") & df["label"].isin(cfg.classes)][SNAPSHOT_COLUMNS]
+    m, waiting = cap_feedback_share(m, cfg.feedback.max_share)
+    if waiting:
+        log.info(
+            "snapshot: %d accepted feedback image(s) wait (feedback.max_share %g)",
+            waiting,
+            cfg.feedback.max_share,
+        )
+    m = m.sort_values("sha256").reset_index(drop=True).astype(str)
+    sid = snapshot_id(m)
+    key = f"snapshots/{sid}.parquet"
+    if not store.exists(key):
+        buf = io.BytesIO()
+        m.to_parquet(buf, index=False)
+        store.put_if_absent(key, buf.getvalue())
+    return Snapshot(sid, key, _counts(m, cfg.classes), len(m))
+
+
+def load_manifest(store: Storage, snapshot_id: str) -> pd.DataFrame:
+    """The rows of a snapshot; raises CatalogError naming a missing or unreadable snapshot."""
+    key = f"snapshots/{snapshot_id}.parquet"
+    try:
+        data = store.get(key)
+    except NotFound:
+        raise CatalogError(f"snapshot {snapshot_id!r} not found at {store.url(key)}") from None
+    try:
+        return pd.read_parquet(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001
+        raise CatalogError(f"snapshot {store.url(key)} is not readable Parquet: {exc}") from None
+
+
+def load_snapshot(store: Storage, snapshot_id: str) -> Snapshot:
+    m = load_manifest(store, snapshot_id)
+    return Snapshot(snapshot_id, f"snapshots/{snapshot_id}.parquet", _counts(m), len(m))
+
+
+def diff_snapshots(store: Storage, a: str, b: str) -> pd.DataFrame:
+    """Per label and split: rows in A, in B, added (in B only) and removed (in A only)."""
+    ma, mb = load_manifest(store, a), load_manifest(store, b)
+    ka = set(zip(ma["sha256"], ma["label"], ma["split"], strict=True))
+    kb = set(zip(mb["sha256"], mb["label"], mb["split"], strict=True))
+    stats: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    for _s, lab, sp in ka:
+        stats[(lab, sp)]["in_a"] += 1
+    for _s, lab, sp in kb:
+        stats[(lab, sp)]["in_b"] += 1
+    for _s, lab, sp in kb - ka:
+        stats[(lab, sp)]["added"] += 1
+    for _s, lab, sp in ka - kb:
+        stats[(lab, sp)]["removed"] += 1
+    cols = ["label", "split", "in_a", "in_b", "added", "removed"]
+    rows = [[lab, sp] + [stats[(lab, sp)][c] for c in cols[2:]] for lab, sp in sorted(stats)]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def format_diff(diff: pd.DataFrame) -> str:
+    """A readable table of ``diff_snapshots`` with a total line (for the CLI)."""
+    if diff.empty:
+        return "both snapshots are empty"
+    total = pd.DataFrame(
+        [["(total)", "", *diff[["in_a", "in_b", "added", "removed"]].sum().tolist()]],
+        columns=diff.columns,
+    )
+    return pd.concat([diff, total], ignore_index=True).to_string(index=False)
+
+
+def cap_feedback_share(manifest: pd.DataFrame, share: float) -> tuple[pd.DataFrame, int]:
+    """Keep feedback rows at most ``share`` of each (label, split); oldest kept first.
+
+    Returns the rows kept and how many feedback rows wait (they join as the class grows).
+    """
+    is_fb = manifest["source"] == "feedback"
+    if share >= 1 or not is_fb.any():
+        return manifest, 0
+    drop: list[Any] = []
+    for (_label, _split), part in manifest.groupby(["label", "split"]):
+        fb = part[part["source"] == "feedback"]
+        if fb.empty:
+            continue
+        others = len(part) - len(fb)
+        allowed = math.floor(share * others / (1 - share) + 1e-9)
+        if len(fb) > allowed:
+            fb = fb.sort_values(["first_seen", "sha256"], kind="stable")
+            drop += list(fb.index[allowed:])
+    return manifest.drop(index=drop), len(drop)
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality gate
+
+
+class QualityGateFailed(Exception):
+    """The snapshot fails the quality gate; ``problems`` names each class and what is missing."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("quality gate failed:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def check_quality(snapshot: Snapshot, cfg: DatasetConfig, classes: Sequence[str]) -> list[str]:
+    """Problems that should stop the cycle (each names its class); [] when the snapshot is fit."""
+    problems = []
+    train = {}
+    for c in classes:
+        n = snapshot.counts.get(c, {})
+        tr, ho = int(n.get("train", 0)), int(n.get("holdout", 0))
+        train[c] = tr
+        if tr < cfg.min_train_per_class:
+            problems.append(
+                f"class {c!r}: {tr} train images, need at least {cfg.min_train_per_class}"
+            )
+        if ho < cfg.min_holdout_per_class:
+            problems.append(
+                f"class {c!r}: {ho} holdout images, need at least {cfg.min_holdout_per_class}"
+            )
+    if train:
+        big = max(train, key=lambda c: train[c])
+        small = min(train, key=lambda c: train[c])
+        if train[small] > 0 and train[big] / train[small] > cfg.max_imbalance:
+            problems.append(
+                f"class {small!r}: {train[small]} train images vs {train[big]} for {big!r} — "
+                f"imbalance {train[big] / train[small]:.1f}x exceeds {cfg.max_imbalance:g}x"
+            )
+    return problems
+
+
+def require_quality(snapshot: Snapshot, cfg: DatasetConfig, classes: Sequence[str]) -> None:
+    """Raise QualityGateFailed with every problem when the gate fails."""
+    problems = check_quality(snapshot, cfg, classes)
+    if problems:
+        raise QualityGateFailed(problems)
