@@ -7,7 +7,8 @@ JSON object per figure (DESIGN.md § Benchmarks).
 
 Figures:
 - hash_throughput: >= 900 real photos from ../shared/data/photos, re-encoded at 640 px long side
-  (baseline JPEG, quality 90), hashed from the files: freshnet ``hashing.hash_files`` vs imagededup;
+  (baseline JPEG, quality 90), hashed from the files: freshnet's batched pHash/dHash kernels in
+  threads (``tests.hash_reference.hash_files``) vs imagededup;
   both use all cores (imagededup: one process per core; freshnet: one thread per core).
 - near_dup_search_1m: 1,000,000 random 64-bit hashes, 1% of them planted near-copies (0..k bits
   flipped), all pairs within k; checked against brute force on the first 50,000 hashes. Runs in a
@@ -45,6 +46,7 @@ sys.path.insert(0, str(REPO))
 from freshnet.config_sections import DedupeConfig, ImagesConfig  # noqa: E402
 from freshnet.data import dedupe, hamming_search, hashing  # noqa: E402
 from freshnet.storage_file import FileStorage  # noqa: E402
+from tests import hash_reference  # noqa: E402
 
 SHARED = Path(os.environ.get("FRESHNET_SHARED_DATA", REPO.parent / "shared" / "data"))
 CFG = DedupeConfig()
@@ -85,7 +87,7 @@ def _search_1m_child(conn) -> None:
     sub = 50_000
     inside = (i < sub) & (j < sub)
     t = time.perf_counter()
-    bi, bj, _ = hamming_search.brute_force_pairs(h[:sub], K)
+    bi, bj, _ = hash_reference.brute_force_pairs(h[:sub], K)
     brute_s = time.perf_counter() - t
     si, sj, _ = hamming_search.find_pairs(h[:sub], K)
     same = (
@@ -234,10 +236,10 @@ def hash_throughput(paths: list[Path], tmp: Path) -> dict:
         pool.map(_reencode_640, jobs, chunksize=32)
     files = sorted(d.glob("*.jpg"))
     cpus = os.cpu_count() or 1
-    hashing.hash_files(files[:50], workers=cpus)  # warm imports and the page cache for both
+    hash_reference.hash_files(files[:50], workers=cpus)  # warm imports and the page cache for both
     out: dict = {"n": len(files), "workers": cpus, "imagededup": None}
     t = time.perf_counter()
-    ph, _, ok = hashing.hash_files(files, workers=cpus)
+    ph, _, ok = hash_reference.hash_files(files, workers=cpus)
     out["ours"] = len(files) / (time.perf_counter() - t)
     out["ok"] = int(ok.sum())
     # The floor under any pHash of a JPEG file: reading it and entropy-decoding it at the

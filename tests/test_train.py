@@ -212,6 +212,7 @@ def test_same_snapshot_and_seed_train_the_same_weights_while_other_threads_draw_
     assert _weights_digest(res.model_path) != digests[0], "the seed must matter"
 
 
+@pytest.mark.slow  # ~8 s: a clean Python process loads torch and fastai
 def test_exported_model_loads_and_predicts_without_freshnet(tiny, tmp_path):
     from freshnet.model.evaluate import predict_files
 

@@ -171,3 +171,44 @@ def test_label_check_can_be_turned_off(tmp_path):
     cfg = _cfg(tmp_path, ["a", "b"], label_check={"enabled": False})
     check = cycle.label_check_step(cfg, "1")
     assert check["checked"] == 0 and "label check off" in check["notes"][0]
+
+
+def test_copy_scores_in_worker_processes_equal_the_scores_in_one(flower_photos, monkeypatch):
+    """The night's copy check fans out to processes when pairs are many: same score per pair."""
+    import concurrent.futures as cf
+
+    from PIL import Image
+
+    from freshnet.data import copies
+
+    paths = [p for ps in flower_photos.values() for p in ps[:2]]
+    photos, crops = [], []
+    for p in paths:
+        with Image.open(p) as im:
+            rgb = im.convert("RGB")
+        w, h = rgb.size
+        for out, view in (
+            (photos, rgb),
+            (crops, rgb.crop((w // 20, h // 20, w - w // 20, h - h // 20))),
+        ):
+            thumb, hw = embed.thumbnail(view)
+            out.append((thumb, np.array(hw)))
+    # Every photo against its crop (a copy) and against the next photo (not one).
+    n = len(photos)
+    pairs = [
+        x for k in range(n) for x in ((*photos[k], *crops[k]), (*photos[k], *photos[(k + 1) % n]))
+    ]
+    pools = []
+
+    class Pool(cf.ProcessPoolExecutor):
+        def __init__(self, workers, **kw):
+            pools.append(workers)
+            super().__init__(workers, **kw)
+
+    monkeypatch.setattr(copies.cf, "ProcessPoolExecutor", Pool)
+    one = copies.score_pairs(pairs, 0.77, workers=1)
+    assert pools == []
+    many = copies.score_pairs(pairs, 0.77, workers=2, per_worker=len(pairs) // 2)
+    assert pools == [2] and many == one
+    copy_scores, other_scores = one[0::2], one[1::2]
+    assert min(copy_scores) >= 0.77 > max(other_scores)

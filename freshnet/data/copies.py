@@ -17,6 +17,9 @@ default threshold 0.77 sits between the two. Embedding similarity alone could no
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import multiprocessing
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +29,9 @@ from freshnet.data.embed import Embeddings
 SCALES = np.linspace(0.86, 1.14, 15)  # relative size of the two views: crops up to ~14%
 MARGIN = 0.12  # the template is the centre of one view: what a crop of <= 12% per side keeps
 HIGH_PASS_SIGMA = 3.0  # px at 64 px: removes illumination and smooth backgrounds
+# Pairs a worker process must have to pay for its start at ~4 ms a pair: ~0.3 s for Python,
+# numpy and OpenCV, up to ~1.5 s where the parent's main module is heavy (a Prefect flow run's).
+PAIRS_PER_WORKER = 500
 
 
 @dataclass
@@ -122,13 +128,48 @@ def find_copies(
             if t < 0 or sim < floor or (self_join and t == q):
                 continue
             candidates.add((min(q, t), max(q, t)) if self_join else (q, t))
-    out_q, out_t, out_s = [], [], []
-    for q, t in sorted(candidates):
-        score = copy_score(
-            query.thumb[q], query.thumb_hw[q], target.thumb[t], target.thumb_hw[t], threshold
-        )
-        if score >= threshold:
-            out_q.append(q)
-            out_t.append(t)
-            out_s.append(score)
-    return CopyPairs(np.array(out_q, np.int64), np.array(out_t, np.int64), np.array(out_s))
+    pairs = sorted(candidates)
+    thumbs = [
+        (query.thumb[q], query.thumb_hw[q], target.thumb[t], target.thumb_hw[t]) for q, t in pairs
+    ]
+    scores = score_pairs(thumbs, threshold)
+    kept = [(q, t, s) for (q, t), s in zip(pairs, scores, strict=True) if s >= threshold]
+    return CopyPairs(
+        np.array([k[0] for k in kept], np.int64),
+        np.array([k[1] for k in kept], np.int64),
+        np.array([k[2] for k in kept]),
+    )
+
+
+Thumbs = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # a, a_hw, b, b_hw
+
+
+def _score_chunk(chunk: list[Thumbs], enough: float) -> list[float]:
+    return [copy_score(a, a_hw, b, b_hw, enough) for a, a_hw, b, b_hw in chunk]
+
+
+def score_pairs(
+    pairs: list[Thumbs],
+    enough: float,
+    workers: int | None = None,
+    per_worker: int = PAIRS_PER_WORKER,
+) -> list[float]:
+    """copy_score of each pair, in worker processes when there are enough pairs to pay for them.
+
+    Each score is ~60 small OpenCV calls whose Python overhead holds the GIL, so threads do not
+    help; processes do (a night's 1,000 new photos of one kind give a few thousand candidate
+    pairs). The scores are the same as in one process: each pair is scored on its own.
+    """
+    cpus = os.cpu_count() or 1
+    workers = min(workers or cpus, len(pairs) // per_worker)
+    if workers <= 1:
+        return _score_chunk(pairs, enough)
+    # forkserver, not fork: the caller may run threads (Prefect, torch). Each worker imports only
+    # this module (numpy, OpenCV) and gets a few contiguous chunks of the pairs.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["freshnet.data.copies"])
+    size = -(-len(pairs) // (workers * 4))
+    chunks = [pairs[i : i + size] for i in range(0, len(pairs), size)]
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        parts = list(pool.map(_score_chunk, chunks, [enough] * len(chunks)))
+    return [s for part in parts for s in part]

@@ -172,16 +172,6 @@ class UnionFind:
         return out
 
 
-def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    """Connected-component label per node for an edge list (vectorized; for large batches)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    g = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
-    labels: np.ndarray = connected_components(g, directed=False)[1]
-    return labels
-
-
 def confirm(
     index: HashIndex,
     rows: np.ndarray,

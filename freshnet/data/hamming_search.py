@@ -193,26 +193,3 @@ def find_pairs(hashes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.n
     qi, ti, d = search_bands(build_bands(hashes, k), None, k)
     order = np.lexsort((ti, qi))
     return qi[order], ti[order], d[order]
-
-
-def brute_force_pairs(
-    hashes: np.ndarray, k: int, block: int = 256
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Reference all-pairs search (O(n²)); used by tests and benchmarks to check ``find_pairs``."""
-    hashes = np.asarray(hashes, dtype=_U64)
-    out_i, out_j, out_d = [], [], []
-    for s in range(0, len(hashes), block):
-        rest = hashes[s:]  # upper triangle only: j >= s
-        d = np.bitwise_count(hashes[s : s + block, None] ^ rest[None, :])
-        i, j = np.nonzero(d <= k)
-        keep = j > i
-        i, j = i[keep], j[keep]
-        out_d.append(d[i, j])
-        out_i.append(i + s)
-        out_j.append(j + s)
-    if not out_i:
-        e = np.zeros(0, np.int64)
-        return e, e.copy(), e.copy()
-    i, j, d = (np.concatenate(x).astype(np.int64) for x in (out_i, out_j, out_d))
-    order = np.lexsort((j, i))
-    return i[order], j[order], d[order]

@@ -146,14 +146,6 @@ def cap_feedback_share(manifest: pd.DataFrame, share: float) -> tuple[pd.DataFra
 # Quality gate
 
 
-class QualityGateFailed(Exception):
-    """The snapshot fails the quality gate; ``problems`` names each class and what is missing."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("quality gate failed:\n" + "\n".join(f"  - {p}" for p in self.problems))
-
-
 def check_quality(snapshot: Snapshot, cfg: DatasetConfig, classes: Sequence[str]) -> list[str]:
     """Problems that should stop the cycle (each names its class); [] when the snapshot is fit."""
     problems = []
@@ -179,10 +171,3 @@ def check_quality(snapshot: Snapshot, cfg: DatasetConfig, classes: Sequence[str]
                 f"imbalance {train[big] / train[small]:.1f}x exceeds {cfg.max_imbalance:g}x"
             )
     return problems
-
-
-def require_quality(snapshot: Snapshot, cfg: DatasetConfig, classes: Sequence[str]) -> None:
-    """Raise QualityGateFailed with every problem when the gate fails."""
-    problems = check_quality(snapshot, cfg, classes)
-    if problems:
-        raise QualityGateFailed(problems)

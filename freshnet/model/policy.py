@@ -75,10 +75,6 @@ class Decision:
     def failed(self) -> list[Rule]:
         return [r for r in self.rules if r.status == FAIL]
 
-    def to_markdown(self) -> str:
-        verdict = "**PROMOTE**" if self.promote else "**KEEP CHAMPION**"
-        return f"Decision: {verdict} — {self.summary}\n\n" + self.rules_markdown()
-
     def rules_markdown(self) -> str:
         """The rules as a markdown table (value, threshold, verdict, detail), then the notes."""
         lines = ["| rule | value | threshold | verdict | detail |", "|---|---|---|---|---|"]
