@@ -417,7 +417,7 @@ def _make_scheduler(repo_id: str, token: str, folder: Path, replica: str, every_
     from huggingface_hub.hf_api import RepoUrl
 
     class _Api(HfApi):
-        def create_repo(self, repo_id: str, **kwargs: Any) -> Any:  # noqa: ARG002
+        def create_repo(self, repo_id: str, **kwargs: Any) -> Any:
             # The dataset is made by its owner; the app's token may write to it only (a
             # fine-grained token cannot create repos). Check it is there and readable instead.
             try:
@@ -547,7 +547,7 @@ def build_demo(bundle: Path = HERE, classifier: Classifier | None = None):
         check_image(path)  # before any decoding: a small file can hold a huge image
         try:
             return clf.predict(path, top=5)
-        except Exception as exc:  # PIL refuses anything that is not a readable image
+        except Exception as exc:  # noqa: BLE001 - PIL refuses anything that is not a readable image
             log.info("predict refused %s: %s", path, exc)
             raise gr.Error(NOT_AN_IMAGE) from None
 
@@ -647,7 +647,7 @@ def _guard_image_preprocess(component: Any, gr: Any) -> None:
             raise gr.Error(
                 _too_big(None, None, _env_int("FRESHNET_MAX_PIXELS", MAX_PIXELS))
             ) from None
-        except Exception:
+        except Exception:  # noqa: BLE001 - whatever the decoder raises, the user sees one message
             raise gr.Error(NOT_AN_IMAGE) from None
 
     component.preprocess = preprocess

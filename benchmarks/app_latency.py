@@ -117,7 +117,7 @@ def main() -> int:
                     result = client.predict(handle_file(str(path)), api_name="/predict")
                     if result.get("label") not in clf.vocab:
                         raise ValueError(f"unexpected result {result}")
-                except Exception as exc:  # every failure counts, whatever it is
+                except Exception as exc:  # noqa: BLE001 - every failure counts, whatever it is
                     with lock:
                         errors.append(f"{type(exc).__name__}: {exc}")
                     continue

@@ -73,7 +73,7 @@ def serve(photo_dir: str, ready_file: str) -> None:
         def log_message(self, *a):
             pass
 
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             time.sleep(LATENCY_S)
             parts = self.path.strip("/").split("/")
             try:

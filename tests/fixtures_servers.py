@@ -118,7 +118,7 @@ class MotoServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 60.0) -> MotoServer:
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "tests" / "moto_server.py"), "--port", str(self.port or 0)],
             stdout=subprocess.PIPE,
@@ -287,7 +287,7 @@ class PrefectServer:
                 "--analytics-off",
             ],
             env=env,
-            stdout=open(self.log_path, "ab"),  # noqa: SIM115
+            stdout=open(self.log_path, "ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -348,7 +348,7 @@ class PrefectWorker:
             ],
             cwd=self.workdir,
             env=env,
-            stdout=open(self.log_path, "ab"),  # noqa: SIM115
+            stdout=open(self.log_path, "ab"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )

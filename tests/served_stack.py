@@ -82,7 +82,7 @@ class Inbox:
         inbox = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 inbox.messages.append(body.decode(errors="replace"))
                 self.send_response(200)
@@ -258,7 +258,7 @@ class ServedStack:
     def cli_env(self) -> dict[str, str]:
         return {**self.server.env(), **self.s3_env()}
 
-    def direct_storage(self):  # noqa: ANN201
+    def direct_storage(self):
         """The bucket straight through moto, bypassing the proxy (works while 'S3 is down')."""
         from freshnet.storage_s3 import S3Storage
 

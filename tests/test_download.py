@@ -88,7 +88,7 @@ class _UAHandler(BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
-    def do_GET(self):  # noqa: N802
+    def do_GET(self):
         self.seen.append(self.headers.get("User-Agent", ""))
         self.send_response(200)
         self.send_header("Content-Length", "2")

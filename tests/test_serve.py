@@ -132,7 +132,7 @@ def test_serve_cli_stops_app_children_and_work_dir_on_signal(sig, tmp_path):
             try:
                 if _get(f"http://127.0.0.1:{port}/").startswith("tiny app"):
                     break
-            except Exception:
+            except Exception:  # noqa: BLE001 - not answering yet: poll again
                 pass
             time.sleep(0.1)
         assert _get(f"http://127.0.0.1:{port}/").startswith("tiny app")
@@ -307,7 +307,7 @@ def test_redeploy_under_polling_load_fails_no_request(space_model, example_photo
                     assert label in bundle_meta("x")["classes"]
                     version = client.predict(api_name="/metadata")["version"]
                     results.append((t, version, None))
-                except Exception as exc:  # every failure counts; the test reports them
+                except Exception as exc:  # noqa: BLE001 - every failure counts; the test reports them
                     results.append((t, "", f"{type(exc).__name__}: {exc}"))
                 stop_polling.wait(max(0.0, 0.1 - (time.monotonic() - t)))
 

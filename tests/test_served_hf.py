@@ -25,7 +25,7 @@ REPO_ID = "alice/served"
 class HfServedStack(ServedStack):
     """The served stack with the cpu worker publishing to the HF stand-in."""
 
-    def __init__(self, root, hub: HubStandIn):  # noqa: ANN001
+    def __init__(self, root, hub: HubStandIn):
         super().__init__(root, TEST_CONFIG_ENV)
         self.hub_env = {
             "FRESHNET_SPACE__TARGET": f"hf://spaces/{REPO_ID}",

@@ -61,7 +61,7 @@ def _make_client(
     transport = httpx.AsyncHTTPTransport(verify=ssl_context, trust_env=False, retries=0)
     # httpx has no public hook for the network backend; the pool it builds is replaced by one
     # with the same settings plus the guard (checked by the SSRF tests).
-    transport._pool = httpcore.AsyncConnectionPool(  # noqa: SLF001
+    transport._pool = httpcore.AsyncConnectionPool(
         ssl_context=ssl_context,
         max_connections=cfg.per_host,
         max_keepalive_connections=cfg.per_host,

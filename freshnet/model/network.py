@@ -116,7 +116,7 @@ def champion_state(
 
     try:
         champ = load_learner(init_from, cpu=True)
-    except Exception as exc:  # a broken champion must not stop tonight's training
+    except Exception as exc:  # noqa: BLE001 - a broken champion must not stop tonight's training
         return None, f"champion model {init_from} could not be loaded ({type(exc).__name__}: {exc})"
     champ_vocab = [str(v) for v in champ.dls.vocab]
     if champ_vocab != vocab:

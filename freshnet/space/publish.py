@@ -334,7 +334,7 @@ def wait_space(
         try:
             client = Client(src, token=getattr(pub, "_token", None), verbose=False)
             label = client.predict(handle_file(str(canary)), api_name="/predict")["label"]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to answer is a Space that does not work
             raise PublishError(
                 f"canary request to {src} failed: {type(exc).__name__}: {exc}"
             ) from None

@@ -108,7 +108,7 @@ class SpaceRunner:
             fd = self.feedback_dir
             # s3://bucket/prefix is passed as-is; a folder as an absolute path (the app's cwd differs).
             env["FRESHNET_FEEDBACK"] = fd if fd.startswith("s3://") else str(Path(fd).resolve())
-        log_file = open(folder.parent / f"{folder.name}.log", "ab")  # noqa: SIM115 (child owns it)
+        log_file = open(folder.parent / f"{folder.name}.log", "ab")  # the app child owns it
         # Its own process group: stopping the app also stops whatever it started (compile
         # workers), and a Ctrl-C in the terminal reaches the runner only, which stops it in order.
         proc = subprocess.Popen(
@@ -143,7 +143,7 @@ class SpaceRunner:
                 try:
                     _predict(url, examples[0])
                     return "predict"
-                except Exception as exc:  # still warming up, or a broken build: retry until due
+                except Exception as exc:  # noqa: BLE001 - still warming up, or a broken build: retry until due
                     last = f" (last prediction: {type(exc).__name__}: {exc})"
             time.sleep(0.3)
         _stop_proc(b.proc)
