@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from typing import Any, TypedDict, cast
 
 from freshnet.config import Config
 from freshnet.contest import DecisionDict, EvaluateResult, TrainResult
 from freshnet.cycle import cache_dir, open_store
+from freshnet.lease import Lease, LeaseHeld
+from freshnet.redact import redact
+from freshnet.space.bundle import IMAGE_SUFFIXES
+from freshnet.space.ledger import Entry, Ledger, LedgerError
+from freshnet.space.publish import (
+    HF_PREFIX,
+    PublishError,
+    check_parent,
+    commit_message,
+    intent_mark,
+    publish,
+    space_head,
+    wait_space,
+)
+from freshnet.space.republish import Release, republish_release, rollback_version
 from freshnet.storage import Storage
-
-if TYPE_CHECKING:
-    from freshnet.space.ledger import Entry
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +72,6 @@ def publish_step(
 
     ``token`` is the HF token read at run time by the caller (else HF_TOKEN); it is never stored.
     """
-    from freshnet.space.republish import Release
 
     def prepare(ledger: Any, served: Any, work: Path) -> Release:
         return Release(
@@ -88,7 +101,6 @@ def champion_step(cfg: Config, token: str | None = None) -> LedgerEntry | None:
     Healing here (not only at the next publish) means a night that keeps the champion still
     brings the ledger back in line with what the Space serves.
     """
-    from freshnet.space.ledger import Ledger
 
     ledger = Ledger(open_store(cfg))
     if ledger.intent()[0] is not None:
@@ -108,7 +120,6 @@ PUBLISH_LEASE_WAIT_S = 900.0
 
 def _publish_lease(store: Storage, what: str) -> Any:
     """Take the publish lease (a conditional write in storage), waiting while another holds it."""
-    from freshnet.lease import Lease, LeaseHeld
 
     deadline = time.monotonic() + PUBLISH_LEASE_WAIT_S
     waited = False
@@ -144,8 +155,6 @@ def settle_intent(cfg: Config, ledger: Any, token: str | None = None) -> Any:
     (if it was lost) and the champion pointer moves to it. Otherwise its commit never landed and
     the intent is discarded. Returns the completed entry, or None.
     """
-    from freshnet.redact import redact
-    from freshnet.space.publish import commit_message, intent_mark, space_head
 
     intent, _ = ledger.intent()
     if intent is None:
@@ -191,11 +200,6 @@ def settle_intent(cfg: Config, ledger: Any, token: str | None = None) -> Any:
 def _publish_locked(
     cfg: Config, ledger: Any, lease: Any, prepare: Any, work: Path, token: str | None
 ) -> tuple[Any, Path]:
-    import uuid
-
-    from freshnet.redact import redact
-    from freshnet.space.publish import PublishError, check_parent, intent_mark, publish, space_head
-
     t0 = time.perf_counter()
     target = cfg.space.target
     settle_intent(cfg, ledger, token)
@@ -276,11 +280,6 @@ def publish_and_record(
     it, clear the intent. A publisher killed anywhere leaves state the next one settles exactly.
     Then, outside the lease, the Space must come up (``space.wait_running``, hf targets).
     """
-    import tempfile
-
-    from freshnet.space.bundle import IMAGE_SUFFIXES
-    from freshnet.space.ledger import Ledger
-    from freshnet.space.publish import HF_PREFIX, wait_space
 
     store = open_store(cfg)
     ledger = Ledger(store)
@@ -310,7 +309,6 @@ def publish_and_record(
 
 def rollback_step(cfg: Config, version: str | None = None, token: str | None = None) -> LedgerEntry:
     """Publish an earlier version again: ``version``, or the one before what the Space serves."""
-    from freshnet.space.republish import Release, republish_release, rollback_version
 
     def prepare(ledger: Any, served: Any, work: Path) -> Release:
         chosen = rollback_version(ledger.history(), served, version)
@@ -333,8 +331,6 @@ def rollback_step(cfg: Config, version: str | None = None, token: str | None = N
 
 def promote_step(cfg: Config, version: str, reason: str, token: str | None = None) -> LedgerEntry:
     """Publish any trained version by hand (models/<version>/model.pkl), recording the reason."""
-    from freshnet.space.ledger import LedgerError
-    from freshnet.space.republish import Release, republish_release
 
     if not reason or not reason.strip():
         raise LedgerError("a manual promotion needs a reason (--reason TEXT)")
@@ -349,7 +345,6 @@ def promote_step(cfg: Config, version: str, reason: str, token: str | None = Non
 
 def reconcile_step(cfg: Config, token: str | None = None) -> LedgerEntry | None:
     """Settle a lost publish intent now (under the lease) and return the champion."""
-    from freshnet.space.ledger import Ledger
 
     store = open_store(cfg)
     ledger = Ledger(store)

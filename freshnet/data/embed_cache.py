@@ -55,7 +55,8 @@ def _segment_arrays(
             shas = z["sha"].astype(str)
             emb = z["emb"]
             n = len(shas)
-            if thumbs is None or thumbs(shas):
+            read_thumbs = thumbs is None or thumbs(shas)
+            if read_thumbs:
                 # copy=False: a segment's thumbnails are 4 KB a row, most never looked at.
                 thumb = z["thumb"].astype(np.uint8, copy=False)
             else:
@@ -67,10 +68,8 @@ def _segment_arrays(
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt segment
         log.warning("embedding segment %s is corrupt (%s): its images are embedded again", key, exc)
         return None
-    if emb.shape != (n, DIM) or thumb.shape[0] != n or hw.shape != (n, 2):
-        log.warning("embedding segment %s has bad shapes: its images are embedded again", key)
-        return None
-    if thumb.size and thumb.shape != (n, THUMB, THUMB):
+    thumb_ok = thumb.shape == ((n, THUMB, THUMB) if read_thumbs else (n, 0, 0))
+    if emb.shape != (n, DIM) or not thumb_ok or hw.shape != (n, 2):
         log.warning("embedding segment %s has bad shapes: its images are embedded again", key)
         return None
     # Norms chunk by chunk: a compacted segment of 100k rows in float32 at once is 0.5 GB.
