@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypedDict, cast
 
 from freshnet.config import Config
-from freshnet.storage import NotFound, Storage
+from freshnet.storage import Storage
 from freshnet.storage_open import open_storage
 
 log = logging.getLogger(__name__)
@@ -308,16 +308,27 @@ def snapshot_step(cfg: Config, since: str | None = None) -> SnapshotResult:
     "Nothing new" is measured against the champion's dataset, not tonight's curation: a night
     that failed after curating must still train on its images when it is rerun.
     """
-    from freshnet.data.snapshot import check_quality, diff_snapshots, make_snapshot
+    from freshnet.data.catalog import CatalogError
+    from freshnet.data.snapshot import (
+        build_manifest,
+        check_quality,
+        diff_manifests,
+        load_manifest,
+        write_snapshot,
+    )
 
     store = open_store(cfg)
-    snap = make_snapshot(store, cfg)
+    manifest = build_manifest(store, cfg)
+    snap = write_snapshot(store, manifest, cfg.classes)
     problems = check_quality(snap, cfg.dataset, cfg.classes)
     new_since = None
     if since:
         try:
-            new_since = int(diff_snapshots(store, since, snap.id)["added"].sum())
-        except NotFound:  # the champion's snapshot is gone: everything counts as new
+            # Tonight's rows are in hand: only the champion's snapshot is read back.
+            old = load_manifest(store, since)
+            new_since = int(diff_manifests(old, manifest)["added"].sum())
+        except CatalogError as exc:  # the champion's snapshot is gone or unreadable
+            log.warning("%s: every image of tonight's snapshot counts as new", exc)
             new_since = snap.rows
     return SnapshotResult(
         id=snap.id,

@@ -335,3 +335,66 @@ def test_index_compaction_and_pruning_keep_state_whole(tmp_path, monkeypatch) ->
         assert len(state.index.segments) <= 3
     assert len(store.list("catalog/")) == 2
     assert len(store.list("index/segments/")) <= 3 + 3  # live + retired within the keep window
+
+
+def test_diff_counts_rows_that_moved_label_or_split_as_removed_and_added() -> None:
+    import pandas as pd
+
+    def manifest(rows):
+        return pd.DataFrame(rows, columns=["sha256", "label", "split"])
+
+    a = manifest(
+        [("s1", "daisy", "train"), ("s2", "daisy", "holdout"), ("s3", "roses", "train")]
+        + [("s1", "daisy", "train")]  # a repeated row counts once
+    )
+    b = manifest(
+        [("s1", "daisy", "train"), ("s2", "daisy", "train"), ("s3", "tulips", "train")]
+        + [("s4", "roses", "holdout")]
+    )
+    got = {
+        (r.label, r.split): (r.in_a, r.in_b, r.added, r.removed)
+        for r in snapshot.diff_manifests(a, b).itertuples()
+    }
+    assert got == {
+        ("daisy", "holdout"): (1, 0, 0, 1),  # s2 moved to train
+        ("daisy", "train"): (1, 2, 1, 0),
+        ("roses", "holdout"): (0, 1, 1, 0),
+        ("roses", "train"): (1, 0, 0, 1),  # s3 relabelled
+        ("tulips", "train"): (0, 1, 1, 0),
+    }
+    empty = snapshot.diff_manifests(manifest([]), manifest([]))
+    assert empty.empty and list(empty.columns) == [
+        "label",
+        "split",
+        "in_a",
+        "in_b",
+        "added",
+        "removed",
+    ]
+
+
+def test_snapshot_step_counts_new_images_against_the_champions_snapshot(
+    tmp_path, flower_photos, caplog
+) -> None:
+    from freshnet import cycle
+
+    store, _, outs, _ = _night1(tmp_path, flower_photos, per_class=5)
+    cfg = _cfg(tmp_path / "store")
+    first = cycle.snapshot_step(cfg)
+    assert first["new_since"] is None and first["rows"] == 10
+    assert cycle.snapshot_step(cfg, first["id"])["new_since"] == 0
+    more = [
+        _ingest(store, "roses", p.read_bytes(), f"http://x/roses/{p.name}")
+        for p in flower_photos["roses"][20:23]
+    ]
+    curate.curate(store, more, "2", cfg)
+    second = cycle.snapshot_step(cfg, first["id"])
+    assert second["rows"] == 13 and second["new_since"] == 3
+    # The stored rows hash to the snapshot's id (ids of stored snapshots never change).
+    assert snapshot.snapshot_id(snapshot.load_manifest(store, second["id"])) == second["id"]
+    # The champion's snapshot is gone: every image counts as new, and the log says why.
+    store.delete(f"snapshots/{first['id']}.parquet")
+    with caplog.at_level("WARNING"):
+        gone = cycle.snapshot_step(cfg, first["id"])
+    assert gone["new_since"] == 13
+    assert first["id"] in caplog.text and "counts as new" in caplog.text

@@ -162,7 +162,8 @@ def test_ensure_embeddings_keep_returns_only_the_rows_asked_for(tmp_path: Path) 
 
 def test_embedder_folds_batchnorm_without_changing_the_embeddings(flower_photos):
     """The night's largest N-independent cost is embedding tonight's images: the embedder folds
-    BatchNorm into the convolutions, and its embeddings equal the unfolded backbone's."""
+    BatchNorm into the convolutions and activates in place, and its embeddings equal the plain
+    backbone's."""
     import torch
     from PIL import Image
     from torch import nn
@@ -171,6 +172,8 @@ def test_embedder_folds_batchnorm_without_changing_the_embeddings(flower_photos)
     images = [Image.open(p).convert("RGB") for p in photos]
     embedder = embed.Embedder()
     assert not any(isinstance(m, nn.BatchNorm2d) for m in embedder.model.modules())
+    relus = [m for m in embedder.model.modules() if isinstance(m, nn.ReLU6)]
+    assert relus and all(m.inplace for m in relus)
     plain = nn.Sequential(embed.lite0_body(pretrained=True), nn.AdaptiveAvgPool2d(1)).eval()
     with torch.inference_mode():
         ref = plain(embedder._tensor(images).contiguous()).flatten(1).numpy()

@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import math
-from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, cast
@@ -47,13 +46,29 @@ def _counts(manifest: pd.DataFrame, classes: Iterable[str] = ()) -> dict[str, di
 
 def snapshot_id(manifest: pd.DataFrame) -> str:
     """Content hash of the canonical rows (sorted by sha256, fixed columns): same rows, same id."""
-    rows = manifest[SNAPSHOT_COLUMNS].sort_values("sha256").astype(str).values.tolist()
+    return _content_id(_canonical(manifest[SNAPSHOT_COLUMNS]))
+
+
+def _canonical(manifest: pd.DataFrame) -> pd.DataFrame:
+    return manifest.sort_values("sha256").reset_index(drop=True).astype(str)
+
+
+def _content_id(canonical: pd.DataFrame) -> str:
+    """snapshot_id of rows already canonical (sorting and stringifying 100k rows twice cost
+    ~0.3 s a night)."""
+    rows = canonical[SNAPSHOT_COLUMNS].values.tolist()
     canon = json.dumps([SNAPSHOT_COLUMNS, rows], separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
 def make_snapshot(store: Storage, cfg: Config) -> Snapshot:
     """Immutable manifest of the status-ok images of cfg.classes, named by its content hash."""
+    return write_snapshot(store, build_manifest(store, cfg), cfg.classes)
+
+
+def build_manifest(store: Storage, cfg: Config) -> pd.DataFrame:
+    """The canonical rows of tonight's snapshot: the status-ok images of cfg.classes, feedback
+    capped, sorted by sha256, as strings."""
     df = load_catalog(store)
     m = df[(df["status"] == "ok") & df["label"].isin(cfg.classes)][SNAPSHOT_COLUMNS]
     m, waiting = cap_feedback_share(m, cfg.feedback.max_share)
@@ -63,14 +78,19 @@ def make_snapshot(store: Storage, cfg: Config) -> Snapshot:
             waiting,
             cfg.feedback.max_share,
         )
-    m = m.sort_values("sha256").reset_index(drop=True).astype(str)
-    sid = snapshot_id(m)
+    return _canonical(m)
+
+
+def write_snapshot(store: Storage, canonical: pd.DataFrame, classes: Sequence[str]) -> Snapshot:
+    """Store the rows of ``build_manifest`` under their content hash (once; snapshots are
+    immutable)."""
+    sid = _content_id(canonical)
     key = f"snapshots/{sid}.parquet"
     if not store.exists(key):
         buf = io.BytesIO()
-        m.to_parquet(buf, index=False)
+        canonical.to_parquet(buf, index=False)
         store.put_if_absent(key, buf.getvalue())
-    return Snapshot(sid, key, _counts(m, cfg.classes), len(m))
+    return Snapshot(sid, key, _counts(canonical, classes), len(canonical))
 
 
 def load_manifest(store: Storage, snapshot_id: str) -> pd.DataFrame:
@@ -93,20 +113,29 @@ def load_snapshot(store: Storage, snapshot_id: str) -> Snapshot:
 
 def diff_snapshots(store: Storage, a: str, b: str) -> pd.DataFrame:
     """Per label and split: rows in A, in B, added (in B only) and removed (in A only)."""
-    ma, mb = load_manifest(store, a), load_manifest(store, b)
-    ka = set(zip(ma["sha256"], ma["label"], ma["split"], strict=True))
-    kb = set(zip(mb["sha256"], mb["label"], mb["split"], strict=True))
-    stats: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
-    for _s, lab, sp in ka:
-        stats[(lab, sp)]["in_a"] += 1
-    for _s, lab, sp in kb:
-        stats[(lab, sp)]["in_b"] += 1
-    for _s, lab, sp in kb - ka:
-        stats[(lab, sp)]["added"] += 1
-    for _s, lab, sp in ka - kb:
-        stats[(lab, sp)]["removed"] += 1
-    cols = ["label", "split", "in_a", "in_b", "added", "removed"]
-    rows = [[lab, sp] + [stats[(lab, sp)][c] for c in cols[2:]] for lab, sp in sorted(stats)]
+    return diff_manifests(load_manifest(store, a), load_manifest(store, b))
+
+
+_SEP = "\x1f"  # joins a row's key fields; in no sha256, label or split
+
+
+def diff_manifests(ma: pd.DataFrame, mb: pd.DataFrame) -> pd.DataFrame:
+    """diff_snapshots of two manifests' rows. A row is its (sha256, label, split): an image that
+    moved label or split counts as removed from the old and added to the new."""
+
+    def keyed(m: pd.DataFrame) -> tuple[pd.DataFrame, pd.Series]:
+        m = m[["sha256", "label", "split"]].astype(str)
+        # object dtype: pandas' string dtype takes ~30x as long for isin (0.45 s at 100k rows).
+        keys = (m["sha256"] + _SEP + m["label"] + _SEP + m["split"]).astype(object)
+        first = ~keys.duplicated()
+        return m[first], keys[first]
+
+    (a, ka), (b, kb) = keyed(ma), keyed(mb)
+    parts = {"in_a": a, "in_b": b, "added": b[~kb.isin(ka)], "removed": a[~ka.isin(kb)]}
+    counts = {name: part.groupby(["label", "split"]).size() for name, part in parts.items()}
+    table = pd.DataFrame(counts).fillna(0).astype(int).sort_index()
+    cols = ["label", "split", *parts]
+    rows = [[lab, sp, *map(int, v)] for (lab, sp), v in zip(table.index, table.values, strict=True)]
     return pd.DataFrame(rows, columns=cols)
 
 
