@@ -179,7 +179,7 @@ def test_copy_scores_in_worker_processes_equal_the_scores_in_one(flower_photos, 
 
     from PIL import Image
 
-    from freshnet.data import copies
+    from freshnet.data import copies, process_pool
 
     paths = [p for ps in flower_photos.values() for p in ps[:2]]
     photos, crops = [], []
@@ -205,7 +205,7 @@ def test_copy_scores_in_worker_processes_equal_the_scores_in_one(flower_photos, 
             pools.append(workers)
             super().__init__(workers, **kw)
 
-    monkeypatch.setattr(copies.cf, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(process_pool.cf, "ProcessPoolExecutor", Pool)
     one = copies.score_pairs(pairs, 0.77, workers=1)
     assert pools == []
     many = copies.score_pairs(pairs, 0.77, workers=2, per_worker=len(pairs) // 2)

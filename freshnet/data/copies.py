@@ -17,20 +17,19 @@ default threshold 0.77 sits between the two. Embedding similarity alone could no
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import multiprocessing
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from freshnet.data.embed import Embeddings
+from freshnet.data.process_pool import start_process_pool
 
 SCALES = np.linspace(0.86, 1.14, 15)  # relative size of the two views: crops up to ~14%
 MARGIN = 0.12  # the template is the centre of one view: what a crop of <= 12% per side keeps
 HIGH_PASS_SIGMA = 3.0  # px at 64 px: removes illumination and smooth backgrounds
 # Pairs a worker process must have to pay for its start at ~4 ms a pair: ~0.3 s for Python,
-# numpy and OpenCV, up to ~1.5 s where the parent's main module is heavy (a Prefect flow run's).
+# numpy and OpenCV (the parent's main module is not imported: process_pool).
 PAIRS_PER_WORKER = 500
 
 
@@ -164,12 +163,9 @@ def score_pairs(
     workers = min(workers or cpus, len(pairs) // per_worker)
     if workers <= 1:
         return _score_chunk(pairs, enough)
-    # forkserver, not fork: the caller may run threads (Prefect, torch). Each worker imports only
-    # this module (numpy, OpenCV) and gets a few contiguous chunks of the pairs.
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["freshnet.data.copies"])
+    # Each worker imports only this module (numpy, OpenCV) and gets a few contiguous chunks.
     size = -(-len(pairs) // (workers * 4))
     chunks = [pairs[i : i + size] for i in range(0, len(pairs), size)]
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with start_process_pool(workers, __name__) as pool:
         parts = list(pool.map(_score_chunk, chunks, [enough] * len(chunks)))
     return [s for part in parts for s in part]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import logging
-import multiprocessing
 import os
 import sys
 from collections import Counter, deque
@@ -36,6 +35,7 @@ from freshnet.data.images import (
     image_key,
     normalize,
 )
+from freshnet.data.process_pool import start_process_pool
 from freshnet.data.sources import Candidate
 from freshnet.data.url_guard import normalize_url
 from freshnet.storage import Storage
@@ -191,11 +191,8 @@ class _Pool:
     def _make(self) -> cf.Executor:
         if self.threads:
             return cf.ThreadPoolExecutor(self.workers, thread_name_prefix="freshnet-normalize")
-        # forkserver, not fork: the parent runs an event loop and threads. The server imports the
-        # normalizer once and forks every worker from it, instead of one full import per worker.
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["freshnet.data.ingest"])
-        return cf.ProcessPoolExecutor(self.workers, mp_context=ctx)
+        # The server imports the normalizer once and forks every worker from it.
+        return start_process_pool(self.workers, __name__)
 
     async def run(
         self, data: bytes, cfg: ImagesConfig, store_root: str | None
