@@ -53,14 +53,15 @@ def start_process_pool(workers: int, preload: str) -> cf.ProcessPoolExecutor:
     forkserver, not fork: callers run threads (Prefect, torch, an event loop). The server imports
     ``preload`` (the module whose functions the workers run) once and forks every worker from it.
     The executor would start its workers lazily, at submit time; starting them here, with the
-    main module hidden, keeps the hiding to this one call.
+    main module hidden, keeps the hiding to this one call. Nothing waits for them: a worker that
+    dies breaks the pool, and its caller sees BrokenProcessPool at its first job, as before.
     """
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([preload])
     pool = cf.ProcessPoolExecutor(workers, mp_context=ctx)
     with main_module_hidden():
-        # Each submit finds no idle worker and starts one: ``workers`` submits start them all.
-        started = [pool.submit(_ready) for _ in range(workers)]
-    for f in started:
-        f.result()
+        # Each submit finds no idle worker and starts one (synchronously, in submit): ``workers``
+        # submits start them all.
+        for _ in range(workers):
+            pool.submit(_ready)
     return pool
